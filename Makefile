@@ -1,0 +1,75 @@
+# Crafterse Forge. `make up` brings the stack up on the tiny CPU model; `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+TINY_MODEL := var/models/forge-tiny-sd
+WEIGHTS := model_repository/stable_diffusion/1/weights/manifest.json
+SAMPLE := var/out/first-weapon.png
+APT_PACKAGES := libb64-0d redis-server prometheus prometheus-alertmanager
+
+.PHONY: help install system-deps model up down test bench lint clean
+
+help:
+	@echo "make up      start Triton on the tiny CPU model and write a first weapon image"
+	@echo "make down    stop what make up started"
+	@echo "make test    run every test (starts its own services on free ports)"
+	@echo "make bench   CPU benchmark: perf_analyzer through Triton vs. the pipeline in-process"
+	@echo "make lint    ruff and mypy"
+
+var/.system-deps:
+	@if command -v apt-get >/dev/null && ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	  echo "installing system packages: $(APT_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+	@mkdir -p var && touch $@
+
+system-deps: var/.system-deps
+
+$(VENV)/.installed: pyproject.toml var/.system-deps
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# Only the CLIP BPE vocabulary file is used from open-clip-torch: none of its dependencies.
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
+	touch $@
+
+install: $(VENV)/.installed
+
+$(TINY_MODEL)/model_index.json: $(VENV)/.installed export/tiny.py
+	$(PY) -m export tiny --out $(TINY_MODEL)
+
+$(WEIGHTS): $(TINY_MODEL)/model_index.json
+	$(PY) -m export onnx --model $(TINY_MODEL) --repository model_repository
+
+model: $(WEIGHTS)
+
+up: $(WEIGHTS)
+	$(PY) -m launcher up
+	$(PY) -m gateway.cli generate --prompt "a frost-forged legendary axe, game item icon" \
+	  --seed 42 --steps 25 --out $(SAMPLE)
+	@echo
+	@echo "First weapon image: $(SAMPLE) (tiny model with random weights: structured noise)"
+	@echo "Call the model yourself:"
+	@echo "  $(PY) -m gateway.cli generate --prompt 'a runic war hammer' --seed 7 --out hammer.png"
+	@echo "  curl -s localhost:8000/v2/models/stable_diffusion/infer -d '{\"inputs\":[{\"name\":\"prompt\",\"shape\":[1,1],\"datatype\":\"BYTES\",\"data\":[\"a runic war hammer\"]}]}' | head -c 300"
+	@echo "Stop everything with: make down"
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m launcher down; else echo "nothing to stop"; fi
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+bench: $(WEIGHTS)
+	$(PY) perf/bench_triton.py
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m mypy export launcher gateway perf model_repository/stable_diffusion/1
+
+clean: down
+	rm -rf var $(VENV) model_repository/stable_diffusion/1/weights model_repository/stable_diffusion/1/weights-*

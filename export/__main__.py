@@ -1,0 +1,59 @@
+"""Command line: `python -m export {tiny,onnx} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from export.errors import ExportError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser(
+        "tiny", help="write a deterministic tiny Stable Diffusion (random weights)"
+    )
+    tiny.add_argument("--out", type=Path, required=True, help="folder to write the pipeline to")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+    onnx = sub.add_parser("onnx", help="export a pipeline to ONNX into a Triton model repository")
+    onnx.add_argument("--model", required=True, help="diffusers folder or model hub id")
+    onnx.add_argument("--repository", type=Path, default=Path("model_repository"))
+    onnx.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest allowed |ONNX Runtime - torch| per component",
+    )
+    onnx.add_argument("--opset", type=int, default=None)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        if args.command == "tiny":
+            from export.tiny import write_tiny
+
+            print(write_tiny(args.out, seed=args.seed))
+        else:
+            from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, export_onnx
+
+            manifest = export_onnx(
+                args.model,
+                args.repository,
+                tolerance=args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE,
+                opset=args.opset or DEFAULT_OPSET,
+            )
+            print(json.dumps({"model": manifest["model"], "parity": manifest["parity"]}, indent=2))
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

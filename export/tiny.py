@@ -1,0 +1,142 @@
+"""A deterministic tiny Stable Diffusion for CPUs and CI.
+
+Seeded random weights in the standard diffusers `save_pretrained` layout, with the real CLIP
+BPE vocabulary (taken from the `open-clip-torch` package data, installed without its
+dependencies), so prompts tokenize to the real token ids. The weights are random: the images
+are structured noise, not weapons.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export.errors import ExportError
+
+CLIP_VOCAB_SIZE = 49408
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def clip_bpe_path() -> Path:
+    spec = importlib.util.find_spec("open_clip")  # located, never imported: its deps are absent
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError(
+            "the CLIP vocabulary needs open-clip-torch: pip install --no-deps open-clip-torch"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte to printable-character table."""
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def write_clip_tokenizer_files(bpe_gz: Path, out: Path) -> tuple[Path, Path]:
+    """vocab.json and merges.txt for CLIPTokenizer, built as CLIP's SimpleTokenizer builds them."""
+    lines = gzip.decompress(bpe_gz.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = out / "vocab.json", out / "merges.txt"
+    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab_file, merges_file
+
+
+def build_tiny_pipeline(seed: int = 0) -> Any:
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=128,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = write_clip_tokenizer_files(clip_bpe_path(), Path(tmp))
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def write_tiny(out: Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it to `out` (the diffusers folder layout)."""
+    build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,58 @@
+"""Command line: `python -m gateway.cli generate --prompt ... --out weapon.png`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gateway.triton_client import ImageParams, generate
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    params = ImageParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+    )
+    url = args.url or ("127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000")
+    (image,) = generate(url, [params], protocol=args.protocol)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.pixels).save(args.out)
+    print(f"{args.out} seed={image.seed} size={image.pixels.shape[1]}x{image.pixels.shape[0]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="call Triton's stable_diffusion model, write a PNG")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--scheduler")
+    gen.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    gen.add_argument("--url", help="host:port (default: the local Triton's port for the protocol)")
+    gen.add_argument("--out", type=Path, default=Path("weapon.png"))
+    gen.set_defaults(func=_generate)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Exception as exc:  # tritonclient raises InferenceServerException and socket errors
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Where the local stack listens and keeps its files (env prefix FORGE_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LauncherSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FORGE_")
+
+    host: str = "127.0.0.1"
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    model_repository: Path = Path("model_repository")
+    state_dir: Path = Path("var")
+
+    @property
+    def run_file(self) -> Path:
+        return self.state_dir / "run" / "services.json"

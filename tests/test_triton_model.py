@@ -1,0 +1,209 @@
+"""The stable_diffusion model served by the real tritonserver, over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from gateway.triton_client import (
+    MODEL_NAME,
+    ImageParams,
+    generate,
+    make_inputs,
+    make_outputs,
+)
+from launcher.triton import Triton
+
+AXE = ImageParams(
+    prompt="a frost-forged legendary axe",
+    seed=1234,
+    steps=6,
+    width=128,
+    height=128,
+    scheduler="euler_ancestral",
+)
+
+
+def stats(triton: Triton) -> dict[str, int]:
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        (model,) = client.get_inference_statistics(MODEL_NAME, as_json=True)["model_stats"]
+    return {
+        "inferences": int(model.get("inference_count", 0)),
+        "executions": int(model.get("execution_count", 0)),
+    }
+
+
+def test_http_and_grpc_give_identical_bytes(triton: Triton) -> None:
+    (over_grpc,) = generate(triton.grpc_url, [AXE], protocol="grpc")
+    (over_http,) = generate(triton.http_url, [AXE], protocol="http")
+    assert over_grpc.pixels.shape == (128, 128, 3) and over_grpc.pixels.dtype == np.uint8
+    assert over_grpc.seed == over_http.seed == 1234
+    assert over_grpc.pixels.tobytes() == over_http.pixels.tobytes()
+
+
+def test_same_seed_same_image_and_a_missing_seed_is_drawn_and_returned(triton: Triton) -> None:
+    (first,) = generate(triton.grpc_url, [AXE])
+    (again,) = generate(triton.grpc_url, [AXE])
+    assert np.array_equal(first.pixels, again.pixels)
+    unseeded = ImageParams(prompt=AXE.prompt, steps=4, width=128, height=128)
+    a, b = generate(triton.grpc_url, [unseeded, unseeded])
+    assert a.seed != b.seed and 0 <= a.seed < 2**63
+    (replay,) = generate(triton.grpc_url, [ImageParams(**{**unseeded.__dict__, "seed": a.seed})])
+    assert np.array_equal(replay.pixels, a.pixels)
+
+
+def test_a_static_batch_returns_one_image_per_row(triton: Triton) -> None:
+    rows = [
+        ImageParams(prompt=p, seed=s, steps=4, width=128, height=128)
+        for p, s in [("an axe", 1), ("a sword", 2), ("a bow", 3)]
+    ]
+    images = generate(triton.grpc_url, rows)
+    assert [i.seed for i in images] == [1, 2, 3]
+    (sword,) = generate(triton.grpc_url, [rows[1]])
+    assert np.array_equal(images[1].pixels, sword.pixels)
+
+
+def test_concurrent_requests_are_batched_and_images_do_not_depend_on_batch_mates(
+    triton: Triton,
+) -> None:
+    (alone,) = generate(triton.grpc_url, [AXE])
+    before = stats(triton)
+    mates = [
+        ImageParams(
+            prompt=f"weapon {i}",
+            seed=i,
+            steps=6,
+            width=128,
+            height=128,
+            scheduler="euler_ancestral",
+            guidance_scale=1.0 + i,
+        )
+        for i in range(11)
+    ]
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(generate, triton.grpc_url, [p]) for p in [*mates, AXE]]
+        results = [f.result()[0] for f in futures]
+    after = stats(triton)
+    inferences = after["inferences"] - before["inferences"]
+    executions = after["executions"] - before["executions"]
+    print(f"12 requests in {executions} executions")
+    assert inferences == 12
+    assert executions < inferences  # the dynamic batcher grouped requests
+    assert np.array_equal(results[-1].pixels, alone.pixels)
+
+
+def invalid(triton: Triton, inputs: list[Any]) -> InferenceServerException:
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(MODEL_NAME, inputs, outputs=make_outputs(grpcclient))
+        assert client.is_server_ready() and client.is_model_ready(MODEL_NAME)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompt": ""}, "prompt must not be empty"),
+        ({"prompt": "x" * 10_000}, "10000 characters"),
+        ({"steps": 0}, "steps 0 is outside"),
+        ({"steps": 1000}, "steps 1000 is outside"),
+        ({"width": 513}, "width 513 is not a multiple of 16"),
+        ({"scheduler": "karras_magic"}, "unknown scheduler 'karras_magic'"),
+    ],
+)
+def test_bad_values_get_invalid_arg_naming_the_value(
+    triton: Triton, change: dict[str, Any], message: str
+) -> None:
+    params = ImageParams(**{**AXE.__dict__, **change})
+    error = invalid(triton, make_inputs(grpcclient, [params]))
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert message in error.message()
+
+
+def test_wrong_dtype_and_missing_prompt_get_invalid_arg(triton: Triton) -> None:
+    prompt, *_ = make_inputs(grpcclient, [AXE])
+    seed = grpcclient.InferInput("seed", [1, 1], "FP32")
+    seed.set_data_from_numpy(np.array([[1.5]], dtype=np.float32))
+    error = invalid(triton, [prompt, seed])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and "seed" in error.message()
+    steps = grpcclient.InferInput("steps", [1, 1], "INT32")
+    steps.set_data_from_numpy(np.array([[4]], dtype=np.int32))
+    error = invalid(triton, [steps])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and "prompt" in error.message()
+
+
+def test_a_cancelled_request_stops_early_and_frees_the_model(triton: Triton) -> None:
+    slow = ImageParams(
+        prompt="a huge slow greatsword", seed=1, steps=150, width=768, height=768, scheduler="euler"
+    )
+    quick = ImageParams(prompt="a dagger", seed=2, steps=2, width=64, height=64)
+
+    def seconds(steps: int) -> float:
+        start = time.monotonic()
+        generate(triton.grpc_url, [ImageParams(**{**slow.__dict__, "steps": steps})])
+        return time.monotonic() - start
+
+    per_step = (seconds(8) - seconds(2)) / 6
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        done: list[Any] = []
+        start = time.monotonic()
+        call = client.async_infer(
+            MODEL_NAME,
+            make_inputs(grpcclient, [slow]),
+            callback=lambda result, error: done.append(error),
+            outputs=make_outputs(grpcclient),
+        )
+        time.sleep(1.0)
+        call.cancel()
+        client.infer(MODEL_NAME, make_inputs(grpcclient, [quick]), outputs=make_outputs(grpcclient))
+        quick_done = time.monotonic() - start
+    print(
+        f"quick request done {quick_done:.1f}s after the slow one started; one slow step "
+        f"takes {per_step:.2f}s, so all 150 would take ~{150 * per_step:.0f}s"
+    )
+    # The quick request waited for at most the step in progress, not 148 more.
+    assert quick_done < 1.0 + 3 * per_step + 1.0
+    assert 150 * per_step > 10 * quick_done
+    assert done and done[0] is not None and "CANCELLED" in str(done[0].status())
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_command_line_client_writes_the_png(triton: Triton, protocol: str, tmp_path) -> None:
+    from PIL import Image
+
+    from gateway.cli import main as cli
+
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    out = tmp_path / "axe.png"
+    code = cli(
+        [
+            "generate",
+            "--prompt",
+            AXE.prompt,
+            "--seed",
+            "1234",
+            "--steps",
+            "6",
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--scheduler",
+            "euler_ancestral",
+            "--protocol",
+            protocol,
+            "--url",
+            url,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    (expected,) = generate(triton.grpc_url, [AXE])
+    assert np.array_equal(np.asarray(Image.open(out)), expected.pixels)

@@ -1,0 +1,265 @@
+{{/*
+Chart name, truncated to 63 characters (DNS label limit).
+*/}}
+{{- define "forge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: the release name, plus the chart name when the release name does
+not contain it. Component names add a suffix, so keep room for it (52 characters).
+*/}}
+{{- define "forge.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart label value.
+*/}}
+{{- define "forge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels. Call with (dict "root" $ "component" "gateway").
+*/}}
+{{- define "forge.labels" -}}
+helm.sh/chart: {{ include "forge.chart" .root }}
+{{ include "forge.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: crafterse-forge
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels. Call with (dict "root" $ "component" "gateway").
+*/}}
+{{- define "forge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "forge.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end }}
+
+{{/*
+Service account name.
+*/}}
+{{- define "forge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "forge.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Image reference from an images.<name> entry: repository@digest, else repository:tag (the tag
+defaulting to the chart's appVersion). Call with (dict "root" $ "image" .Values.images.gateway).
+*/}}
+{{- define "forge.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Storage class of a volume: its own, else the chart's gp3 class when the chart creates it,
+else nothing (the cluster default).
+*/}}
+{{- define "forge.storageClassName" -}}
+{{- if .own }}
+{{- .own }}
+{{- else if .root.Values.storageClass.create }}
+{{- .root.Values.storageClass.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Kafka bootstrap servers.
+*/}}
+{{- define "forge.kafkaBootstrap" -}}
+{{- if eq .Values.kafka.mode "strimzi" }}
+{{- printf "%s-kafka-bootstrap.%s.svc:9092" (include "forge.fullname" .) .Release.Namespace }}
+{{- else }}
+{{- required "kafka.external.bootstrapServers is required when kafka.mode is external" .Values.kafka.external.bootstrapServers }}
+{{- end }}
+{{- end }}
+
+{{/*
+Triton gRPC address.
+*/}}
+{{- define "forge.tritonGrpcUrl" -}}
+{{- printf "%s-triton.%s.svc:%v" (include "forge.fullname" .) .Release.Namespace .Values.triton.service.grpcPort }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the API keys file.
+*/}}
+{{- define "forge.apiKeysSecret" -}}
+{{- default (printf "%s-api-keys" (include "forge.fullname" .)) .Values.forge.apiKeys.existingSecret }}
+{{- end }}
+
+{{/*
+True ("true") when an API keys file is mounted.
+*/}}
+{{- define "forge.hasApiKeys" -}}
+{{- if or .Values.forge.apiKeys.existingSecret .Values.forge.apiKeys.keysYaml }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the ConfigMap holding the weapon templates ("" when none).
+*/}}
+{{- define "forge.weaponTemplatesConfigMap" -}}
+{{- if .Values.forge.weaponTemplates.existingConfigMap }}
+{{- .Values.forge.weaponTemplates.existingConfigMap }}
+{{- else if .Values.forge.weaponTemplates.content }}
+{{- printf "%s-weapon-templates" (include "forge.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the assets claim.
+*/}}
+{{- define "forge.assetsClaim" -}}
+{{- default (printf "%s-assets" (include "forge.fullname" .)) .Values.forge.assets.pvc.existingClaim }}
+{{- end }}
+
+{{/*
+The FORGE_* environment of the gateway and the workers.
+*/}}
+{{- define "forge.env" -}}
+- name: FORGE_HOST
+  value: "0.0.0.0"
+- name: FORGE_PORT
+  value: "8080"
+- name: FORGE_TRITON_GRPC_URL
+  value: {{ include "forge.tritonGrpcUrl" . | quote }}
+{{- if eq .Values.redis.mode "replicated" }}
+- name: FORGE_REDIS_URL
+  value: {{ printf "redis://%s-redis-master.%s.svc:6379/0" (include "forge.fullname" .) .Release.Namespace | quote }}
+{{- else if .Values.redis.external.existingSecret }}
+- name: FORGE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.secretKey }}
+{{- else }}
+- name: FORGE_REDIS_URL
+  value: {{ required "redis.external.url or redis.external.existingSecret is required when redis.mode is external" .Values.redis.external.url | quote }}
+{{- end }}
+- name: FORGE_KAFKA_BOOTSTRAP
+  value: {{ include "forge.kafkaBootstrap" . | quote }}
+{{- if eq .Values.forge.assets.mode "s3" }}
+- name: FORGE_ASSET_S3_BUCKET
+  value: {{ required "forge.assets.s3.bucket is required when forge.assets.mode is s3" .Values.forge.assets.s3.bucket | quote }}
+- name: FORGE_ASSET_S3_PREFIX
+  value: {{ .Values.forge.assets.s3.prefix | quote }}
+{{- else }}
+- name: FORGE_ASSET_DIR
+  value: {{ .Values.forge.assets.pvc.mountPath | quote }}
+{{- end }}
+- name: FORGE_PUBLIC_BASE_URL
+  value: {{ .Values.forge.assets.publicBaseUrl | quote }}
+{{- if include "forge.hasApiKeys" . }}
+- name: FORGE_API_KEYS_FILE
+  value: /etc/forge/api-keys/{{ .Values.forge.apiKeys.secretKey }}
+{{- end }}
+{{- if include "forge.weaponTemplatesConfigMap" . }}
+- name: FORGE_WEAPON_TEMPLATES
+  value: /etc/forge/weapon-templates/weapon-templates.yaml
+{{- end }}
+{{- range $name, $value := .Values.forge.extraEnv }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Volumes shared by the gateway and the workers.
+*/}}
+{{- define "forge.appVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 256Mi
+{{- if eq .Values.forge.assets.mode "pvc" }}
+- name: assets
+  persistentVolumeClaim:
+    claimName: {{ include "forge.assetsClaim" . }}
+{{- end }}
+{{- if include "forge.hasApiKeys" . }}
+- name: api-keys
+  secret:
+    secretName: {{ include "forge.apiKeysSecret" . }}
+    defaultMode: 0440
+{{- end }}
+{{- with include "forge.weaponTemplatesConfigMap" . }}
+- name: weapon-templates
+  configMap:
+    name: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Volume mounts shared by the gateway and the workers.
+*/}}
+{{- define "forge.appVolumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if eq .Values.forge.assets.mode "pvc" }}
+- name: assets
+  mountPath: {{ .Values.forge.assets.pvc.mountPath }}
+{{- end }}
+{{- if include "forge.hasApiKeys" . }}
+- name: api-keys
+  mountPath: /etc/forge/api-keys
+  readOnly: true
+{{- end }}
+{{- if include "forge.weaponTemplatesConfigMap" . }}
+- name: weapon-templates
+  mountPath: /etc/forge/weapon-templates
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+Pod spec fields shared by every Forge pod.
+*/}}
+{{- define "forge.podCommon" -}}
+serviceAccountName: {{ include "forge.serviceAccountName" . }}
+automountServiceAccountToken: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/*
+Preferred spread of a component's pods over nodes. Call with (dict "root" $ "component" "x").
+*/}}
+{{- define "forge.spreadAffinity" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "forge.selectorLabels" . | nindent 12 }}
+{{- end }}

@@ -51,14 +51,21 @@ def main() -> int:
                     if kind in CUSTOM_KINDS.get(api, ()):
                         skipped[kind] += 1
                     else:
-                        print(f"ERROR {filename} {kind}/{name}: no schema for {api} {kind} "
-                              f"in Kubernetes {version} (not a known custom resource either)")
+                        print(
+                            f"ERROR {filename} {kind}/{name}: no schema for {api} {kind} "
+                            f"in Kubernetes {version} (not a known custom resource either)"
+                        )
                         failures += 1
-            print(f"k8s {version} {filename}: strict-valid "
-                  + ", ".join(f"{k} x{n}" for k, n in sorted(checked.items()))
-                  + ("; not schema-checked (custom resources): "
-                     + ", ".join(f"{k} x{n}" for k, n in sorted(skipped.items()))
-                     if skipped else ""))
+            print(
+                f"k8s {version} {filename}: strict-valid "
+                + ", ".join(f"{k} x{n}" for k, n in sorted(checked.items()))
+                + (
+                    "; not schema-checked (custom resources): "
+                    + ", ".join(f"{k} x{n}" for k, n in sorted(skipped.items()))
+                    if skipped
+                    else ""
+                )
+            )
     if failures:
         print(f"{failures} resource(s) failed validation")
         return 1

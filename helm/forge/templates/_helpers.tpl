@@ -263,3 +263,30 @@ podAntiAffinity:
           matchLabels:
             {{- include "forge.selectorLabels" . | nindent 12 }}
 {{- end }}
+
+{{/*
+checkov skips for a workload, each with its reason, rendered only while the condition that
+fails the check holds (a digest set, pullPolicy Always or no secret in env make the skip go
+away). Call with (dict "root" $ "images" (list .Values.images.gateway) "secretEnv" true).
+*/}}
+{{- define "forge.checkovSkips" -}}
+{{- $skips := list }}
+{{- $noDigest := false }}
+{{- $notAlways := false }}
+{{- range .images }}
+{{- if not .digest }}{{ $noDigest = true }}{{ end }}
+{{- if ne .pullPolicy "Always" }}{{ $notAlways = true }}{{ end }}
+{{- end }}
+{{- if $noDigest }}
+{{- $skips = append $skips "CKV_K8S_43=Images are pinned by version tag (ECR tag immutability on); set images.*.digest to pin by digest, which removes this skip" }}
+{{- end }}
+{{- if $notAlways }}
+{{- $skips = append $skips "CKV_K8S_15=Tags are immutable, so IfNotPresent pulls the same image; it spares a registry round trip for the multi-GB Triton image and lets pods restart during a registry outage" }}
+{{- end }}
+{{- if .secretEnv }}
+{{- $skips = append $skips "CKV_K8S_35=FORGE_REDIS_URL comes from a Secret (external Redis AUTH token) as an env var because the gateway reads its settings from FORGE_* variables; the API keys are mounted as a file" }}
+{{- end }}
+{{- range $i, $skip := $skips }}
+checkov.io/skip{{ add1 $i }}: {{ $skip | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1.7
+# Triton with the stable_diffusion Python-backend model and the export package:
+#   docker build -f helm/images/triton.Dockerfile -t forge-triton:0.1.0 .
+# NGC's tritonserver 24.10 is Triton 2.51 on Ubuntu 22.04 with CUDA 12.6 and Python 3.10:
+# the Python backend runs the model with that Python, so model_repository/ and export/ stay
+# Python 3.10 compatible (tests/test_chart.py checks the syntax).
+#
+# The image carries code, not weights: the chart's init containers pull the exported weights
+# from S3 or export them onto a volume, and build TensorRT engines on the serving GPU
+# (engines are specific to the GPU architecture, so they cannot be built here).
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# What the model and the export need, as GPU builds, in one pip call so numpy and protobuf
+# stay at the versions tritonclient 2.51 is built against (numpy<2, protobuf<5).
+# torch 2.5.1 is PyPI's default (CUDA 12.4 runtime) wheel, which runs on the image's CUDA 12.6
+# driver stack; it is pinned so rebuilds are reproducible. tensorrt 10.5 is the TensorRT
+# release that Triton 24.10 itself ships.
+RUN pip install \
+      "numpy>=1.26,<2" "protobuf>=4.25,<5" \
+      torch==2.5.1 \
+      "diffusers>=0.35" "transformers>=4.45" safetensors accelerate \
+      "onnx>=1.17" onnxscript "onnxruntime-gpu>=1.20" \
+      "tensorrt==10.5.*" \
+      pillow pyyaml
+
+# The model code and config (copied onto the model volume by the chart's init container) and
+# the export package (python -m export onnx | tensorrt).
+COPY model_repository/ /opt/forge/model_repository/
+COPY export/ /opt/forge/export/
+ENV PYTHONPATH=/opt/forge \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp
+WORKDIR /opt/forge
+
+# The chart runs as UID 10001 with a read-only root filesystem: /models, /tmp and /dev/shm
+# are volumes. Local runs: docker run --gpus all --shm-size 2g -v $PWD/model_repository:/models
+USER 10001:10001
+EXPOSE 8000 8001 8002
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD curl -fsS http://127.0.0.1:8000/v2/health/live || exit 1
+CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
+     "--load-model=stable_diffusion", "--allow-metrics=true", "--allow-gpu-metrics=true", \
+     "--metrics-port=8002"]

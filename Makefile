@@ -73,3 +73,25 @@ lint: $(VENV)/.installed
 
 clean: down
 	rm -rf var $(VENV) model_repository/stable_diffusion/1/weights model_repository/stable_diffusion/1/weights-*
+
+# Helm chart checks, offline: tools into var/tools (helm/tools/install.sh), helm lint, helm
+# template for each values file, kubernetes-validate --strict for the target Kubernetes
+# versions, checkov, and the pytest assertions on the rendered manifests.
+CHART_K8S_VERSIONS := 1.30.0 1.31.0 1.32.0
+CHART_OUT := var/chart
+.PHONY: chart-test
+chart-test: $(VENV)/.installed
+	bash helm/tools/install.sh
+	var/tools/venv/bin/python helm/tools/gen_schema.py --check
+	mkdir -p $(CHART_OUT)
+	var/tools/bin/helm lint --strict helm/forge -f helm/values/minimal.yaml
+	var/tools/bin/helm lint --strict helm/forge -f helm/values/production.yaml
+	var/tools/bin/helm lint --strict helm/forge -f helm/values/production.yaml -f helm/values/external.yaml
+	var/tools/bin/helm template forge helm/forge -n forge -f helm/values/minimal.yaml > $(CHART_OUT)/minimal.yaml
+	var/tools/bin/helm template forge helm/forge -n forge -f helm/values/production.yaml > $(CHART_OUT)/production.yaml
+	var/tools/bin/helm template forge helm/forge -n forge -f helm/values/production.yaml -f helm/values/external.yaml > $(CHART_OUT)/external.yaml
+	var/tools/venv/bin/python helm/tools/validate_manifests.py $(addprefix -k ,$(CHART_K8S_VERSIONS)) \
+	  $(CHART_OUT)/minimal.yaml $(CHART_OUT)/production.yaml $(CHART_OUT)/external.yaml
+	var/tools/venv/bin/checkov --quiet --compact --skip-download --framework kubernetes -d $(CHART_OUT)
+	var/tools/venv/bin/checkov --quiet --compact --skip-download --framework dockerfile -d helm/images
+	$(PY) -m pytest tests/test_chart.py

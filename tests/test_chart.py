@@ -191,6 +191,22 @@ def test_model_repository_source_switch(rendered: dict) -> None:
     assert pull["command"][-1] == "/models/stable_diffusion/1/weights/"
 
 
+def test_model_config_edits_apply_to_the_committed_config(rendered: dict, tmp_path: Path) -> None:
+    """The model-code init container sets runtime and instance kind with sed: its patterns
+    must match model_repository/stable_diffusion/config.pbtxt as committed."""
+    spec = one(rendered["production"], "Deployment", "forge-triton")["spec"]["template"]["spec"]
+    script = spec["initContainers"][0]["command"][-1]
+    config = ROOT / "model_repository" / "stable_diffusion" / "config.pbtxt"
+    result = subprocess.run(
+        ["bash", "-ec", script.replace("/opt/forge/model_repository", str(config.parents[1]))
+         .replace("/models/", f"{tmp_path}/")],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    edited = (tmp_path / "stable_diffusion" / "config.pbtxt").read_text()
+    assert 'string_value: "onnxruntime_cuda"' in edited and "kind: KIND_GPU" in edited
+
+
 def test_tensorrt_build_runs_on_the_serving_gpu() -> None:
     docs = render("production.yaml", sets=("triton.tensorrt.build=true",))
     spec = one(docs, "Deployment", "forge-triton")["spec"]["template"]["spec"]

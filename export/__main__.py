@@ -32,6 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     onnx.add_argument("--opset", type=int, default=None)
 
+    config = sub.add_parser(
+        "config", help="write configs/exported.pbtxt: config.pbtxt + overrides + model identity"
+    )
+    config.add_argument("--repository", type=Path, default=Path("model_repository"))
+    config.add_argument("--model-name", default="stable_diffusion")
+    config.add_argument("--runtime", help="onnxruntime, onnxruntime_cuda, ...")
+    config.add_argument("--instance-kind", choices=["KIND_CPU", "KIND_GPU"])
+    config.add_argument("--instances", type=int)
+    config.add_argument("--max-batch-size", type=int)
+    config.add_argument("--max-queue-delay-us", type=int)
+    config.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -39,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
             from export.tiny import write_tiny
 
             print(write_tiny(args.out, seed=args.seed))
+        elif args.command == "config":
+            from export.triton_config import ConfigOverrides, write_exported_config
+
+            overrides = ConfigOverrides(
+                runtime=args.runtime,
+                instance_kind=args.instance_kind,
+                instances=args.instances,
+                max_batch_size=args.max_batch_size,
+                max_queue_delay_us=args.max_queue_delay_us,
+                parameters=dict(p.split("=", 1) for p in args.parameter),
+            )
+            print(write_exported_config(args.repository / args.model_name, overrides))
         else:
             from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, export_onnx
 

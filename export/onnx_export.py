@@ -41,6 +41,7 @@ from export.components import (
 )
 from export.errors import ExportError
 from export.source import load_pipeline, resolve_model
+from export.triton_config import write_exported_config
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,9 @@ def content_version(folder: Path) -> str:
 
 
 def publish(staging: Path, version_dir: Path, version: str) -> Path:
-    """Move the staged export to `weights-<version>` and point `weights` at it in one rename."""
-    final = version_dir / f"{WEIGHTS_LINK}-{version}"
-    if final.exists():
-        shutil.rmtree(staging)  # identical content is already published
-    else:
-        staging.rename(final)
+    """Move the staged export to its own folder and point `weights` at it in one rename."""
+    final = version_dir / f"{WEIGHTS_LINK}-{version}-{uuid.uuid4().hex[:8]}"
+    staging.rename(final)
     link_tmp = version_dir / f".{WEIGHTS_LINK}-{uuid.uuid4().hex}"
     link_tmp.symlink_to(final.name)
     os.replace(link_tmp, version_dir / WEIGHTS_LINK)
@@ -258,6 +256,7 @@ def export_onnx(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         final = publish(staging, version_dir, version)
+        write_exported_config(version_dir.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(staging)

@@ -107,3 +107,57 @@ def generate(
     else:
         raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
     return read_result(result)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    version: str
+
+
+class AsyncTriton:
+    """The gateway's and workers' client: async gRPC, a deadline per call, cancellable.
+
+    Cancelling the awaiting task cancels the gRPC call, and Triton then stops the request
+    between denoising steps.
+    """
+
+    def __init__(self, url: str, timeout_s: float, identity_ttl_s: float = 10.0) -> None:
+        import tritonclient.grpc.aio as grpc_aio
+
+        self.client = grpc_aio.InferenceServerClient(url)
+        self.timeout_s = timeout_s
+        self.identity_ttl_s = identity_ttl_s
+        self._identity: tuple[float, ModelIdentity] | None = None
+
+    async def generate(self, rows: list[ImageParams]) -> list[GeneratedImage]:
+        import tritonclient.grpc as grpcclient
+
+        result = await self.client.infer(
+            MODEL_NAME,
+            make_inputs(grpcclient, rows),
+            outputs=make_outputs(grpcclient),
+            client_timeout=self.timeout_s,
+        )
+        return read_result(result)
+
+    async def identity(self) -> ModelIdentity:
+        """Name and version of the exported model, from the parameters of its Triton config."""
+        import time
+
+        now = time.monotonic()
+        if self._identity is None or now - self._identity[0] > self.identity_ttl_s:
+            reply = await self.client.get_model_config(MODEL_NAME, as_json=True, client_timeout=5.0)
+            parameters = reply["config"].get("parameters", {})
+            identity = ModelIdentity(
+                parameters.get("model_name", {}).get("string_value", "unknown"),
+                parameters.get("model_version", {}).get("string_value", "unknown"),
+            )
+            self._identity = (now, identity)
+        return self._identity[1]
+
+    async def ready(self) -> bool:
+        return bool(await self.client.is_model_ready(MODEL_NAME, client_timeout=2.0))
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
+from typing import Any
 
+from launcher.gateway import GatewayServer
 from launcher.process import ServiceError, stop_pid
+from launcher.redis import RedisServer
 from launcher.settings import LauncherSettings
 from launcher.triton import Triton
 
@@ -15,33 +19,50 @@ def up(settings: LauncherSettings) -> int:
     if settings.run_file.exists():
         print(f"already up ({settings.run_file}); run `make down` first", file=sys.stderr)
         return 1
+    host, state = settings.host, settings.state_dir
+    dev_key = settings.dev_api_key or f"fk_dev_{secrets.token_urlsafe(24)}"
     triton = Triton(
         settings.model_repository,
-        settings.state_dir / "triton",
+        state / "triton",
+        host=host,
         http_port=settings.triton_http_port,
         grpc_port=settings.triton_grpc_port,
         metrics_port=settings.triton_metrics_port,
-        host=settings.host,
     )
-    services: dict[str, dict[str, object]] = {}
+    redis = RedisServer(state / "redis", port=settings.redis_port, host=host)
+    gateway = GatewayServer(
+        state / "gateway",
+        port=settings.gateway_port,
+        host=host,
+        env={
+            "FORGE_TRITON_GRPC_URL": triton.grpc_url,
+            "FORGE_REDIS_URL": redis.url,
+            "FORGE_ASSET_DIR": str((state / "assets").resolve()),
+            "FORGE_DEV_API_KEY": dev_key,
+        },
+    )
+    started: dict[str, Any] = {}
     try:
-        triton.start(detached=True)
-        assert triton.service is not None
-        services["triton"] = {
-            "pid": triton.service.pid,
-            **triton.describe(),
-            "log": str(triton.service.log_file),
-        }
-        triton.load()
+        for name, server in (("triton", triton), ("redis", redis), ("gateway", gateway)):
+            server.start(detached=True)
+            started[name] = {
+                "pid": server.service.pid,
+                **server.describe(),
+                "log": str(server.service.log_file),
+            }
+            if server is triton:
+                triton.load()
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        for service in services.values():
-            stop_pid(int(str(service["pid"])))
+        for service in reversed(started.values()):
+            stop_pid(int(service["pid"]))
         return 1
     settings.run_file.parent.mkdir(parents=True, exist_ok=True)
-    settings.run_file.write_text(json.dumps(services, indent=2))
-    for name, service in services.items():
-        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in service.items()))
+    settings.run_file.write_text(json.dumps(started, indent=2))
+    (state / "run" / "dev-api-key").write_text(dev_key + "\n")
+    for name, service in started.items():
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in service.items() if k != "pid"))
+    print(f"dev API key: {dev_key}")
     return 0
 
 

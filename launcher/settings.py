@@ -8,12 +8,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class LauncherSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FORGE_")
+    model_config = SettingsConfigDict(env_prefix="FORGE_", extra="ignore")
 
     host: str = "127.0.0.1"
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
+    redis_port: int = 6379
+    gateway_port: int = 8080
+    dev_api_key: str | None = None
     model_repository: Path = Path("model_repository")
     state_dir: Path = Path("var")
 

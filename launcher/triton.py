@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytriton
-from google.protobuf import json_format, text_format
-from tritonclient.grpc import model_config_pb2
+from google.protobuf import json_format
+from tritonclient.utils import InferenceServerException
 
-from launcher.process import Service, free_port
+from export.triton_config import EXPORTED_CONFIG, ConfigOverrides, read_config
+from launcher.process import Service, ServiceError, free_port
 
 PYTRITON_DIR = Path(pytriton.__file__).parent / "tritonserver"
 
@@ -42,32 +43,6 @@ def backend_directory(root: Path) -> Path:
             link.unlink()
         link.symlink_to(source)
     return root
-
-
-@dataclass
-class ModelOverrides:
-    """config.pbtxt fields a deployment tunes without editing the repository."""
-
-    max_batch_size: int | None = None
-    max_queue_delay_us: int | None = None
-    instances: int | None = None
-    parameters: dict[str, str] = field(default_factory=dict)
-
-    def apply(self, config_pbtxt: Path) -> str | None:
-        """The model config as JSON with the overrides applied, or None if there are none."""
-        if self == ModelOverrides():
-            return None
-        config = text_format.Parse(config_pbtxt.read_text(), model_config_pb2.ModelConfig())
-        if self.max_batch_size is not None:
-            config.max_batch_size = self.max_batch_size
-        if self.max_queue_delay_us is not None:
-            config.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
-        if self.instances is not None:
-            for group in config.instance_group:
-                group.count = self.instances
-        for key, value in self.parameters.items():
-            config.parameters[key].string_value = value
-        return json_format.MessageToJson(config, preserving_proto_field_name=True)
 
 
 @dataclass
@@ -103,6 +78,7 @@ class Triton:
             f"--model-repository={self.repository.resolve()}",
             f"--backend-directory={backend_directory(self.workdir / 'backends')}",
             "--model-control-mode=explicit",
+            f"--model-config-name={EXPORTED_CONFIG}",  # written by the export, with identity
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
@@ -131,11 +107,20 @@ class Triton:
         return bool(self._client().is_server_live())
 
     def load(
-        self, model: str = "stable_diffusion", overrides: ModelOverrides | None = None
+        self, model: str = "stable_diffusion", overrides: ConfigOverrides | None = None
     ) -> None:
-        config = (overrides or ModelOverrides()).apply(self.repository / model / "config.pbtxt")
-        self._client().load_model(model, config=config)
+        """Load `model`; overrides apply to this load only (Triton's load API with a config)."""
+        config = None
+        if overrides is not None:
+            exported = self.repository / model / "configs" / f"{EXPORTED_CONFIG}.pbtxt"
+            config = json_format.MessageToJson(
+                overrides.apply(read_config(exported)), preserving_proto_field_name=True
+            )
         assert self.service is not None
+        try:
+            self._client().load_model(model, config=config)
+        except InferenceServerException as exc:
+            raise ServiceError(f"{model} did not load: {exc}\n{self.service.log_tail()}") from exc
         self.service.wait_until(lambda: self._client().is_model_ready(model), 120, f"{model} ready")
 
     def unload(self, model: str = "stable_diffusion") -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher.gateway import GatewayServer
+from launcher.redis import RedisServer
 from launcher.triton import Triton
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,46 @@ def triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     server = Triton(repository, tmp_path_factory.mktemp("triton")).start()
     try:
         server.load()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+DEV_KEY = "fk_test_dev_key"
+
+
+def gateway_env(triton: Triton, redis: RedisServer, assets: Path, **extra: str) -> dict[str, str]:
+    return {
+        "FORGE_TRITON_GRPC_URL": triton.grpc_url,
+        "FORGE_REDIS_URL": redis.url,
+        "FORGE_ASSET_DIR": str(assets),
+        "FORGE_DEV_API_KEY": DEV_KEY,
+        "FORGE_TRITON_TIMEOUT_S": "60",
+        "FORGE_RETRY_AFTER_S": "3",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    triton: Triton, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayServer]:
+    workdir = tmp_path_factory.mktemp("gateway")
+    # Small limits for the "bulk" tier so that the rate-limit test can exhaust one.
+    env = gateway_env(
+        triton, redis_server, workdir / "assets", FORGE_RATE_LIMIT_BY_TIER='{"bulk": "10/minute"}'
+    )
+    server = GatewayServer(workdir, env).start()
+    try:
         yield server
     finally:
         server.stop()

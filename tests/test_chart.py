@@ -79,8 +79,7 @@ def docs(request: pytest.FixtureRequest, rendered: dict) -> list[dict[str, Any]]
 
 def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
     return [
-        d for d in docs
-        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
     ]
 
 
@@ -147,13 +146,17 @@ def test_triton_gets_one_gpu_on_the_gpu_node_group(docs: list[dict]) -> None:
     assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     # The node selector and toleration are those of the GPU node group in helm/eks/cluster.yaml.
     gpu_group = next(
-        g for g in yaml.safe_load(CLUSTER.read_text())["managedNodeGroups"]
+        g
+        for g in yaml.safe_load(CLUSTER.read_text())["managedNodeGroups"]
         if g["instanceType"] == "g4dn.xlarge"
     )
     assert labels_match(spec["nodeSelector"], gpu_group["labels"])
     taint = gpu_group["taints"][0]
     assert {
-        "key": taint["key"], "operator": "Equal", "value": taint["value"], "effect": taint["effect"]
+        "key": taint["key"],
+        "operator": "Equal",
+        "value": taint["value"],
+        "effect": taint["effect"],
     } in spec["tolerations"]
 
 
@@ -198,9 +201,16 @@ def test_model_config_edits_apply_to_the_committed_config(rendered: dict, tmp_pa
     script = spec["initContainers"][0]["command"][-1]
     config = ROOT / "model_repository" / "stable_diffusion" / "config.pbtxt"
     result = subprocess.run(
-        ["bash", "-ec", script.replace("/opt/forge/model_repository", str(config.parents[1]))
-         .replace("/models/", f"{tmp_path}/")],
-        capture_output=True, text=True, check=False,
+        [
+            "bash",
+            "-ec",
+            script.replace("/opt/forge/model_repository", str(config.parents[1])).replace(
+                "/models/", f"{tmp_path}/"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     edited = (tmp_path / "stable_diffusion" / "config.pbtxt").read_text()
@@ -289,7 +299,8 @@ def test_ingress_is_an_internet_facing_alb_with_tls(rendered: dict) -> None:
     assert annotations["alb.ingress.kubernetes.io/certificate-arn"].startswith("arn:aws:acm:")
     assert annotations["alb.ingress.kubernetes.io/ssl-redirect"] == "443"
     assert json.loads(annotations["alb.ingress.kubernetes.io/listen-ports"]) == [
-        {"HTTP": 80}, {"HTTPS": 443}
+        {"HTTP": 80},
+        {"HTTPS": 443},
     ]
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend["name"] == "forge-gateway"
@@ -357,7 +368,8 @@ def test_strimzi_kafka_two_brokers_kraft_and_topics(rendered: dict) -> None:
     peers = kafka["spec"]["kafka"]["listeners"][0]["networkPolicyPeers"]
     components = {
         p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-        for p in peers if "podSelector" in p
+        for p in peers
+        if "podSelector" in p
     }
     assert components == {"gateway", "worker"}
 
@@ -383,7 +395,10 @@ def test_redis_is_replicated_from_pod_zero(rendered: dict) -> None:
     master = one(docs, "Service", "forge-redis-master")
     assert master["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == "forge-redis-0"
     gateway = one(docs, "Deployment", "forge-gateway")["spec"]["template"]["spec"]
-    assert env_of(gateway["containers"][0])["FORGE_REDIS_URL"] == "redis://forge-redis-master.forge.svc:6379/0"
+    assert (
+        env_of(gateway["containers"][0])["FORGE_REDIS_URL"]
+        == "redis://forge-redis-master.forge.svc:6379/0"
+    )
 
 
 def test_gp3_storage_class(rendered: dict) -> None:
@@ -438,7 +453,8 @@ def test_standard_labels_and_selectors(docs: list[dict]) -> None:
         if d["kind"] == "Service":
             # The StatefulSet controller adds the pod-name label; the template cannot carry it.
             selector = {
-                k: v for k, v in d["spec"]["selector"].items()
+                k: v
+                for k, v in d["spec"]["selector"].items()
                 if k != "statefulset.kubernetes.io/pod-name"
             }
             assert any(labels_match(selector, p) for p in pods.values()), d["metadata"]["name"]
@@ -565,7 +581,9 @@ def test_minimal_needs_no_prometheus_operator_or_keda(rendered: dict) -> None:
 def test_values_schema_is_generated_from_values_yaml() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "helm" / "tools" / "gen_schema.py"), "--check"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
 

@@ -104,3 +104,46 @@ def test_export_explains_what_is_wrong_with_the_model(
     err = capsys.readouterr().err
     assert "error:" in err and message in err
     assert not (repo / "stable_diffusion" / "1" / "weights").exists()
+
+
+def test_export_config_adds_identity_and_deployment_overrides(
+    weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.triton_config import read_config
+
+    repo = weights.parents[2]
+    manifest = json.loads((weights / "manifest.json").read_text())
+    code = export_main(
+        [
+            "config",
+            "--repository",
+            str(repo),
+            "--runtime",
+            "onnxruntime_cuda",
+            "--instance-kind",
+            "KIND_GPU",
+            "--instances",
+            "2",
+            "--max-batch-size",
+            "16",
+            "--parameter",
+            "max_steps=60",
+        ]
+    )
+    assert code == 0
+    config = read_config(repo / "stable_diffusion" / "configs" / "exported.pbtxt")
+    committed = read_config(repo / "stable_diffusion" / "config.pbtxt")
+    assert [i.name for i in config.input] == [i.name for i in committed.input]
+    assert config.parameters["model_name"].string_value == manifest["model"]["name"]
+    assert config.parameters["model_version"].string_value == manifest["model"]["version"]
+    assert config.parameters["runtime"].string_value == "onnxruntime_cuda"
+    assert config.parameters["max_steps"].string_value == "60"
+    assert config.max_batch_size == 16
+    assert [(g.kind, g.count) for g in config.instance_group] == [
+        (config.instance_group[0].KIND_GPU, 2)
+    ]
+    # Back to the committed settings for the other tests of this session.
+    assert export_main(["config", "--repository", str(repo)]) == 0
+    empty = copy_model_repository(tmp_path / "empty")
+    assert export_main(["config", "--repository", str(empty)]) == 2
+    assert "export the model first" in capsys.readouterr().err

@@ -125,6 +125,8 @@ def test_cancellation_is_checked_between_steps(weights: Path) -> None:
         ({"guidance_scale": float("nan")}, "guidance_scale nan"),
         ({"seed": -1}, "seed -1"),
         ({"scheduler": "lcm", "steps": 120}, "scheduler 'lcm' with steps 120"),
+        ({"prompt": "axe " * 80}, "prompt is 82 tokens long; the text encoder reads at most 77"),
+        ({"negative_prompt": "dull " * 76}, "negative_prompt is 78 tokens long"),
     ],
 )
 def test_invalid_requests_name_the_bad_value(

@@ -79,7 +79,7 @@ def build(value: Any, path: tuple[str, ...], comments: dict, errors: list[str]) 
     text: list[str] = []
     for line in lines or []:
         if line.startswith("@schema "):
-            extra.update(json.loads(line[len("@schema "):]))
+            extra.update(json.loads(line[len("@schema ") :]))
         elif line == "@free":
             free = True
         else:
@@ -88,9 +88,7 @@ def build(value: Any, path: tuple[str, ...], comments: dict, errors: list[str]) 
     if text:
         node["description"] = " ".join(text)
     if isinstance(value, dict) and not free and "additionalProperties" not in extra:
-        node["properties"] = {
-            k: build(v, (*path, k), comments, errors) for k, v in value.items()
-        }
+        node["properties"] = {k: build(v, (*path, k), comments, errors) for k, v in value.items()}
         node["additionalProperties"] = False
     node.update(extra)
     return node

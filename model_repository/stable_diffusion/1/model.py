@@ -63,6 +63,12 @@ class TritonPythonModel:
             threads=int(params.get("intra_op_threads", "1")),
             limits=_limits(params),
         )
+        advertised = (params.get("model_name"), params.get("model_version"))
+        if advertised != (self.core.model_name, self.core.model_version):
+            raise RuntimeError(
+                f"the config advertises model {advertised} but {weights} holds "
+                f"{(self.core.model_name, self.core.model_version)}: re-run `python -m export onnx`"
+            )
         pb_utils.Logger.log_info(
             f"stable_diffusion: {self.core.model_name} version {self.core.model_version}, "
             f"{self.core.limits}"

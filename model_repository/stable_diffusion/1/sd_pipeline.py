@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sd_requests import GenerationRequest, Limits, Row, make_row
+from sd_requests import GenerationRequest, InvalidRequest, Limits, Row, make_row
 from sd_runtimes import Component, load_components
 from transformers import CLIPTokenizer
 
@@ -66,7 +66,20 @@ class StableDiffusionCore:
         return str(self.manifest["model"]["version"])
 
     def row(self, request: GenerationRequest, is_cancelled: Any = None) -> Row:
-        return make_row(request, self.limits, self.scheduler_config, is_cancelled)
+        row = make_row(request, self.limits, self.scheduler_config, is_cancelled)
+        if self.limits.prompt_overflow == "reject":
+            for name in ("prompt", "negative_prompt"):
+                self._check_tokens(name, getattr(request, name))
+        return row
+
+    def _check_tokens(self, name: str, text: str) -> None:
+        """Reject rather than silently drop words the text encoder cannot read."""
+        tokens = len(self.tokenizer(text, truncation=False).input_ids)
+        if tokens > self.tokenizer.model_max_length:
+            raise InvalidRequest(
+                f"{name} is {tokens} tokens long; the text encoder reads at most "
+                f"{self.tokenizer.model_max_length} (start and end tokens included)"
+            )
 
     def generate(self, rows: Sequence[Row]) -> list[np.ndarray | None]:
         """One HxWx3 uint8 image per row, or None where the row was cancelled."""

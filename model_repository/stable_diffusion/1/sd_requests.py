@@ -58,6 +58,11 @@ class Limits:
     default_steps: int = 25
     default_guidance: float = 7.5
     default_scheduler: str = "dpmpp_2m"
+    prompt_overflow: str = "reject"  # or "truncate": prompts over the text encoder's tokens
+
+    def __post_init__(self) -> None:
+        if self.prompt_overflow not in ("reject", "truncate"):
+            raise ValueError(f"prompt_overflow {self.prompt_overflow!r}: reject or truncate")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,28 @@
+"""Result cache in Redis: the same model version and parameters, seed included, same asset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from redis.asyncio import Redis
+
+PREFIX = "forge:cache:"
+
+
+def cache_key(model_version: str, params: dict[str, Any]) -> str:
+    canonical = json.dumps({"model_version": model_version, **params}, sort_keys=True)
+    return PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ResultCache:
+    def __init__(self, redis: Redis, ttl_s: int) -> None:
+        self.redis, self.ttl_s = redis, ttl_s
+
+    async def get(self, model_version: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        raw = await self.redis.get(cache_key(model_version, params))
+        return None if raw is None else dict(json.loads(raw))
+
+    async def put(self, model_version: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        await self.redis.set(cache_key(model_version, params), json.dumps(result), ex=self.ttl_s)

@@ -1,0 +1,122 @@
+"""Every error leaves the gateway as RFC 9457 problem details, mapped here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from tritonclient.utils import InferenceServerException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(Exception):
+    """An error with an HTTP status, a short title and a detail for the client."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str = "",
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status, self.title, self.detail = status, title, detail
+        self.headers = headers or {}
+        self.extra = extra
+
+    def response(self, instance: str) -> JSONResponse:
+        body = {
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+            **self.extra,
+        }
+        return JSONResponse(
+            body, status_code=self.status, headers=self.headers, media_type=PROBLEM_JSON
+        )
+
+
+def unavailable(detail: str, retry_after_s: int) -> Problem:
+    return Problem(503, "Service Unavailable", detail, headers={"Retry-After": str(retry_after_s)})
+
+
+def from_triton(exc: InferenceServerException, retry_after_s: int) -> Problem:
+    """Triton's status codes: the client's fault is 422, a busy or absent server 503."""
+    status = str(exc.status() or "")
+    message = exc.message() or str(exc)
+    if "INVALID_ARG" in status or status == "400":
+        return Problem(422, "Invalid generation parameters", message)
+    if (
+        any(
+            code in status
+            for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "NOT_FOUND")
+        )
+        or not status
+    ):
+        return unavailable(f"the image model is unavailable: {message}", retry_after_s)
+    return Problem(502, "Image generation failed", message)
+
+
+def install(app: FastAPI, retry_after_s: int) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return exc.response(request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        return Problem(422, "Invalid request", detail, errors=errors).response(request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            headers["Allow"] = ", ".join(allowed)  # every method of the path, not one route's
+        problem = Problem(
+            exc.status_code, _title(exc.status_code), str(exc.detail), headers=headers
+        )
+        return problem.response(request.url.path)
+
+    @app.exception_handler(RedisError)
+    async def _redis(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("redis unavailable on %s: %r", request.url.path, exc)
+        problem = unavailable(f"state store unavailable ({type(exc).__name__})", retry_after_s)
+        return problem.response(request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return Problem(500, "Internal Server Error", "an unexpected error; it was logged").response(
+            request.url.path
+        )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the OpenAPI document gives the request's path (what clients are told)."""
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), request.url.path):
+            return sorted(method.upper() for method in operations)
+    return []
+
+
+def _title(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

@@ -1,0 +1,44 @@
+"""Gateway and worker settings: environment variables with the prefix FORGE_."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FORGE_", extra="ignore")
+
+    # Where things are
+    host: str = "127.0.0.1"
+    port: int = 8080
+    triton_grpc_url: str = "127.0.0.1:8001"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    asset_dir: Path = Path("var/assets")
+    asset_s3_bucket: str | None = None
+    asset_s3_prefix: str = "assets/"
+    asset_s3_endpoint: str | None = None
+    public_base_url: str = Field("", description="prefix of asset URLs, e.g. a CDN; '' = relative")
+    weapon_templates: Path = Path(__file__).parent / "weapon_templates.yaml"
+
+    # Keys
+    dev_api_key: str | None = Field(None, description="created at start with every scope")
+    api_keys_file: Path | None = Field(None, description="YAML of hashed keys (a Secret)")
+
+    # Generation
+    triton_timeout_s: float = 120.0
+    retry_after_s: int = 5
+    max_body_bytes: int = 16_384
+    # Used for the rate-limit cost when a request leaves the size to the model.
+    assumed_size: int = 512
+    model_info_ttl_s: float = 10.0
+
+    # Rate limits, in cost units: one unit is one step at 512x512 (steps x pixels / 512^2).
+    rate_limit: str = "2000/minute"
+    rate_limit_by_tier: dict[str, str] = {"priority": "6000/minute", "bulk": "1000/minute"}
+
+    # Cache and idempotency
+    idempotency_ttl_s: int = 86_400
+    cache_ttl_s: int = 30 * 86_400

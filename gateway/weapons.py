@@ -1,0 +1,63 @@
+"""Weapons from game terms: the studio's templates turn a weapon into prompt and negative prompt."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, create_model
+
+from gateway.schemas import ImageOptions
+
+REQUIRED = ("weapon_type", "material")
+OPTIONAL = ("element", "rarity", "style")
+
+
+@dataclass(frozen=True)
+class WeaponTemplates:
+    prompt: str
+    negative_prompt: str
+    fields: dict[str, dict[str, str]]
+    defaults: dict[str, str]
+
+    @classmethod
+    def load(cls, path: Path) -> WeaponTemplates:
+        data = yaml.safe_load(path.read_text())
+        templates = cls(
+            data["prompt"],
+            data.get("negative_prompt", ""),
+            {k: {str(a): str(b or "") for a, b in v.items()} for k, v in data["fields"].items()},
+            data.get("defaults", {}),
+        )
+        missing = [f for f in (*REQUIRED, *OPTIONAL) if f not in templates.fields]
+        if missing:
+            raise ValueError(f"{path}: fields {missing} are missing")
+        for name, value in templates.defaults.items():
+            if value not in templates.fields[name]:
+                raise ValueError(f"{path}: default {name}={value!r} is not one of its choices")
+        return templates
+
+    def request_model(self) -> type[BaseModel]:
+        """The /v1/weapons body, with the template's choices as enums in the OpenAPI document."""
+        fields: dict[str, Any] = {}
+        for name in (*REQUIRED, *OPTIONAL):
+            choices = Literal[tuple(self.fields[name])]  # type: ignore[valid-type]
+            default = self.defaults.get(name, ...) if name in OPTIONAL else ...
+            fields[name] = (choices, Field(default))
+        fields["text"] = (
+            str,
+            Field("", max_length=120, description="free text, added to the prompt"),
+        )
+        return create_model("WeaponRequest", __base__=ImageOptions, **fields)
+
+    def render(self, weapon: BaseModel) -> tuple[str, str]:
+        """(prompt, negative prompt) for a validated weapon request."""
+        phrases = {
+            name: self.fields[name][getattr(weapon, name)] for name in (*REQUIRED, *OPTIONAL)
+        }
+        text = getattr(weapon, "text", "").strip()
+        prompt = self.prompt.format(**phrases, text=f", {text}" if text else "")
+        return re.sub(r"\s+", " ", prompt).strip(), self.negative_prompt.strip()

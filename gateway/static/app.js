@@ -1,0 +1,567 @@
+// Crafterse Forge: the weapon forge page. Plain ES module, no framework, no build step.
+// It is also the reference client for studios: every call below is the public API.
+
+const KEY_STORAGE = "forge.apiKey";
+const POLL_START_MS = 500;
+const POLL_MAX_MS = 3000;
+const SEED_MAX = (1n << 63n) - 1n;
+// Seeds go up to 2^63-1, past JavaScript's exact integers: they travel as BigInt here.
+const SEED_FIELD = /"seed"\s*:\s*(-?\d+)/g;
+
+const $ = (id) => document.getElementById(id);
+const el = {
+  keyPanel: $("key-panel"), keyForm: $("key-form"), keyInput: $("key-input"), keyError: $("key-error"),
+  keyState: $("key-state"), keyHint: $("key-hint"), forgetKey: $("forget-key"), changeKey: $("change-key"),
+  workspace: $("workspace"), builder: $("builder"), choices: $("choices"), text: $("f-text"),
+  prompt: $("f-prompt"), promptMode: $("prompt-mode"), resetPrompt: $("reset-prompt"),
+  seed: $("f-seed"), steps: $("f-steps"), guidance: $("f-guidance_scale"), size: $("f-size"),
+  scheduler: $("f-scheduler"), format: $("f-format"), advanced: $("advanced"),
+  forge: $("forge"), timer: $("retry-timer"), status: $("status"), problem: $("problem"),
+  gallery: $("gallery"), galleryEmpty: $("gallery-empty"), galleryCount: $("gallery-count"),
+  tinyNote: $("tiny-note"), tinyName: $("tiny-name"), cardTemplate: $("card-template"),
+};
+
+const state = {
+  key: localStorage.getItem(KEY_STORAGE),
+  weaponFields: [],      // names of the template's choice fields, in schema order
+  templates: null,       // GET /v1/weapons/templates, or null if the gateway has none
+  rendered: "",          // the prompt the template gives for the current choices
+  negative: "",
+  jobsApi: null,         // null: not tried yet; true/false: the gateway has /v1/jobs or not
+  busy: false,
+  retryTimer: null,
+  cards: 0,
+  seenIds: new Map(),    // asset id -> card number that first showed it
+};
+
+// ---------- JSON with exact seeds ----------
+
+function parseJson(text) {
+  return JSON.parse(text.replace(SEED_FIELD, '"seed":"$1"'), (k, v) =>
+    k === "seed" && typeof v === "string" && /^-?\d+$/.test(v) ? BigInt(v) : v);
+}
+
+function toJson(value) {
+  return JSON.stringify(value, (k, v) => (typeof v === "bigint" ? `#big:${v}` : v))
+    .replace(/"#big:(-?\d+)"/g, "$1");
+}
+
+// ---------- API ----------
+
+class ApiError extends Error {
+  constructor(status, problem, retryAfter) {
+    super(problem.detail || problem.title || `HTTP ${status}`);
+    this.status = status;
+    this.title = problem.title || `HTTP ${status}`;
+    this.detail = problem.detail || "";
+    this.errors = Array.isArray(problem.errors) ? problem.errors : [];
+    this.retryAfter = retryAfter;
+  }
+}
+
+function retryAfterSeconds(header) {
+  if (!header) return null;
+  if (/^\d+$/.test(header.trim())) return Number(header);
+  const at = Date.parse(header);
+  return Number.isNaN(at) ? null : Math.max(1, Math.ceil((at - Date.now()) / 1000));
+}
+
+async function api(path, { method = "GET", body, auth = true } = {}) {
+  const headers = { Accept: "application/json" };
+  if (auth && state.key) headers.Authorization = `Bearer ${state.key}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let res;
+  try {
+    res = await fetch(path, { method, headers, body: body === undefined ? undefined : toJson(body) });
+  } catch {
+    throw new ApiError(0, {
+      title: "No answer from the gateway",
+      detail: "The request did not reach the server. Check your connection, or that the gateway is running.",
+    });
+  }
+  const text = await res.text();
+  let data = null;
+  if (/json/.test(res.headers.get("content-type") || "") && text) {
+    try { data = parseJson(text); } catch { data = null; }
+  }
+  if (!res.ok) {
+    throw new ApiError(res.status, data || { title: `HTTP ${res.status}`, detail: text.slice(0, 300) },
+      retryAfterSeconds(res.headers.get("Retry-After")));
+  }
+  return { data, res };
+}
+
+// ---------- schema-driven builder ----------
+
+function deref(schema, node) {
+  let n = node;
+  while (n && n.$ref) n = n.$ref.split("/").slice(1).reduce((o, p) => o[p], schema);
+  return n || {};
+}
+
+function enumOf(schema, prop) {
+  const p = deref(schema, prop);
+  if (Array.isArray(p.enum)) return p.enum;
+  for (const alt of [...(p.anyOf || []), ...(p.allOf || []), ...(p.oneOf || [])]) {
+    const values = enumOf(schema, alt);
+    if (values) return values;
+  }
+  return null;
+}
+
+const LABELS = {
+  dpmpp_2m: "DPM++ 2M", euler_ancestral: "Euler ancestral", ddim: "DDIM", lcm: "LCM", pndm: "PNDM",
+  png: "PNG", webp: "WebP",
+};
+const human = (v) => LABELS[v] || (v.charAt(0).toUpperCase() + v.slice(1)).replaceAll("_", " ");
+
+function fillSelect(select, values, chosen) {
+  select.replaceChildren(...values.map((v) => new Option(human(v), v, false, v === chosen)));
+}
+
+function buildBuilder(openapi) {
+  const schemas = openapi.components.schemas;
+  const weapon = schemas.WeaponRequest;
+  const image = schemas.ImageRequest || { properties: {} };
+  const props = weapon.properties;
+  state.weaponFields = Object.keys(props).filter((n) => enumOf(openapi, props[n]) && !(n in image.properties));
+  const nodes = [];
+  for (const name of state.weaponFields) {
+    const values = enumOf(openapi, props[name]);
+    const id = `f-${name}`;
+    const field = document.createElement("div");
+    field.className = "field";
+    const label = Object.assign(document.createElement("label"), { htmlFor: id, textContent: human(name) });
+    const select = Object.assign(document.createElement("select"), { id, name });
+    select.setAttribute("aria-describedby", `err-${name}`);
+    fillSelect(select, values, props[name].default ?? values[0]);
+    const error = Object.assign(document.createElement("p"), { className: "field-error", id: `err-${name}` });
+    field.append(label, select, error);
+    nodes.push(field);
+  }
+  el.choices.replaceChildren(el.choices.querySelector("legend"), ...nodes);
+
+  const opt = (n) => deref(openapi, props[n] || image.properties[n] || {});
+  fillSelect(el.scheduler, enumOf(openapi, props.scheduler) || ["dpmpp_2m"], opt("scheduler").default);
+  fillSelect(el.format, enumOf(openapi, props.format) || ["png"], opt("format").default);
+  const steps = opt("steps");
+  Object.assign(el.steps, { min: steps.minimum ?? 1, max: steps.maximum ?? 150, value: steps.default ?? 25 });
+  const guidance = opt("guidance_scale");
+  Object.assign(el.guidance, { min: guidance.minimum ?? 0, max: guidance.maximum ?? 30, value: guidance.default ?? 7.5 });
+  el.text.maxLength = opt("text").maxLength ?? 120;
+}
+
+// The same rendering as WeaponTemplates.render on the server (gateway/weapons.py).
+function renderPrompt(t, choice, text) {
+  const values = { text: text.trim() ? `, ${text.trim()}` : "" };
+  for (const [name, phrases] of Object.entries(t.fields)) {
+    values[name] = phrases[choice[name] ?? t.defaults[name]] ?? "";
+  }
+  const filled = t.prompt.replace(/\{\{|\}\}|\{(\w+)\}/g, (m, name) =>
+    m === "{{" ? "{" : m === "}}" ? "}" : (values[name] ?? m));
+  return filled.replace(/\s+/g, " ").trim();
+}
+
+function choices() {
+  return Object.fromEntries(state.weaponFields.map((n) => [n, $(`f-${n}`).value]));
+}
+
+const promptEdited = () => state.templates !== null && el.prompt.value.trim() !== state.rendered;
+
+function updatePrompt() {
+  if (!state.templates) return;
+  const wasEdited = promptEdited();
+  state.rendered = renderPrompt(state.templates, choices(), el.text.value);
+  if (!wasEdited) el.prompt.value = state.rendered;
+  showPromptMode();
+}
+
+function showPromptMode() {
+  const edited = promptEdited();
+  el.promptMode.textContent = state.templates
+    ? (edited ? "edited: drawn as written" : "from the studio template")
+    : "written by the server";
+  el.promptMode.classList.toggle("edited", edited);
+  el.resetPrompt.hidden = !edited;
+}
+
+// ---------- requests ----------
+
+function readNumber(input, errors) {
+  const raw = input.value.trim();
+  if (input.validity.badInput) {
+    errors[input.name] = "Enter a number.";
+    return undefined;
+  }
+  return raw === "" ? undefined : Number(raw);
+}
+
+// The request the form describes: {kind: "weapon"|"image", body}, or null with field errors shown.
+function formRequest() {
+  const errors = {};
+  const body = {
+    steps: readNumber(el.steps, errors),
+    guidance_scale: readNumber(el.guidance, errors),
+    scheduler: el.scheduler.value,
+    format: el.format.value,
+  };
+  const seed = el.seed.value.trim();
+  if (el.seed.validity.badInput || (seed !== "" && !/^\d+$/.test(seed))) {
+    errors.seed = "A seed is a whole number from 0 to 2^63−1.";
+  } else if (seed !== "") {
+    body.seed = BigInt(seed);
+  }
+  if (el.size.value) {
+    const [w, h] = el.size.value.split("x").map(Number);
+    Object.assign(body, { width: w, height: h });
+  }
+  if (promptEdited()) {
+    if (!el.prompt.value.trim()) errors.prompt = "Write a prompt, or go back to the template.";
+    Object.assign(body, { prompt: el.prompt.value.trim(), negative_prompt: state.negative });
+  } else {
+    Object.assign(body, choices(), { text: el.text.value.trim() });
+  }
+  for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
+  if (Object.keys(errors).length) {
+    showFieldErrors(errors);
+    return null;
+  }
+  return { kind: "prompt" in body ? "image" : "weapon", body };
+}
+
+// ---------- errors ----------
+
+function clearErrors() {
+  for (const p of document.querySelectorAll(".field-error")) p.textContent = "";
+  for (const i of document.querySelectorAll("[aria-invalid]")) i.removeAttribute("aria-invalid");
+  el.problem.hidden = true;
+  el.problem.replaceChildren();
+}
+
+const FIELD_ALIASES = { width: "size", height: "size", negative_prompt: "prompt", weapons: null, images: null };
+
+function showFieldErrors(errors) {
+  let first = null;
+  for (const [name, msg] of Object.entries(errors)) {
+    const out = $(`err-${name}`);
+    const input = $(`f-${name}`);
+    if (!out || !input) continue;
+    out.textContent = out.textContent ? `${out.textContent} ${msg}` : msg;
+    input.setAttribute("aria-invalid", "true");
+    if (input.closest("details")) input.closest("details").open = true;
+    first ??= input;
+  }
+  first?.focus();
+  return first !== null;
+}
+
+// 422 problem details: each error's loc names the field (["body", "steps"] or, in a job,
+// ["body", "weapons", 0, "steps"]); the message goes beside that field.
+function fieldErrorsOf(err) {
+  const errors = {};
+  for (const e of err.errors) {
+    const names = (e.loc || []).filter((p) => typeof p === "string" && p !== "body");
+    let name = names.at(-1);
+    if (name in FIELD_ALIASES) name = FIELD_ALIASES[name];
+    if (name && $(`f-${name}`)) errors[name] = errors[name] ? `${errors[name]} ${e.msg}` : `${e.msg}.`;
+  }
+  if (!err.errors.length && /prompt|token/i.test(err.detail)) errors.prompt = err.detail;
+  return errors;
+}
+
+function showProblem(title, detail, extra) {
+  const h = Object.assign(document.createElement("strong"), { textContent: title });
+  const p = Object.assign(document.createElement("p"), { textContent: detail });
+  el.problem.replaceChildren(h, p, ...(extra ? [extra] : []));
+  el.problem.hidden = false;
+}
+
+function handleError(err) {
+  setStatus("");
+  if (err.status === 401) {
+    showKeyPanel(`The API key was refused: ${err.detail || err.title}. Enter a valid key.`);
+  } else if (err.status === 403) {
+    showProblem("This key may not forge", `${err.detail} Ask for a key with the “generate” scope.`);
+  } else if (err.status === 422 || err.status === 400) {
+    const shown = showFieldErrors(fieldErrorsOf(err));
+    showProblem(shown ? "Some settings need a fix" : err.title, shown ? "See the messages beside the fields." : err.detail);
+  } else if (err.status === 429) {
+    showProblem("Rate limit reached", `${err.detail || "Too many requests for this key."}`);
+    startCountdown(err.retryAfter ?? 10, "You can forge again");
+  } else if (err.status === 503) {
+    showProblem("The forge is unavailable right now",
+      `The image service cannot take requests at the moment${err.detail ? ` (${err.detail})` : ""}. It is not your request.`);
+    startCountdown(err.retryAfter ?? 10, "Try again");
+  } else {
+    showProblem(err.title, err.detail || "Something went wrong.");
+  }
+}
+
+function startCountdown(seconds, done) {
+  clearInterval(state.retryTimer);
+  const until = Date.now() + seconds * 1000;
+  setBusy(true);
+  el.timer.hidden = false;
+  const tick = () => {
+    const left = Math.ceil((until - Date.now()) / 1000);
+    if (left <= 0) {
+      clearInterval(state.retryTimer);
+      state.retryTimer = null;
+      el.timer.hidden = true;
+      el.timer.textContent = "";
+      setBusy(false);
+      setStatus(`${done} now.`);
+      return;
+    }
+    el.timer.textContent = `${done} in ${left} s`;
+    el.forge.textContent = `Wait ${left} s`;
+  };
+  tick();
+  state.retryTimer = setInterval(tick, 250);
+}
+
+// ---------- generation ----------
+
+function setStatus(text) { el.status.textContent = text; }
+
+function setBusy(busy) {
+  state.busy = busy;
+  const blocked = busy || state.retryTimer !== null;
+  el.forge.disabled = blocked;
+  el.forge.setAttribute("aria-disabled", String(blocked));
+  if (!busy && state.retryTimer === null) el.forge.textContent = "Forge";
+  for (const b of el.gallery.querySelectorAll(".again, .variations")) b.disabled = blocked;
+}
+
+const JOB_PATHS = { weapon: ["/v1/weapons/jobs", "weapons"], image: ["/v1/jobs", "images"] };
+const SYNC_PATHS = { weapon: "/v1/weapons", image: "/v1/images" };
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// Forge `bodies` (one request kind) as one async job; without the jobs API, one by one.
+async function forge(kind, bodies, label) {
+  if (state.busy || state.retryTimer) return;
+  clearErrors();
+  setBusy(true);
+  try {
+    if (state.jobsApi !== false) {
+      const [path, field] = JOB_PATHS[kind];
+      try {
+        const { data, res } = await api(path, { method: "POST", body: { [field]: bodies } });
+        state.jobsApi = true;
+        await followJob(res.headers.get("Location") || `/v1/jobs/${data.id}`, data, kind, bodies, label);
+        return;
+      } catch (err) {
+        if (!(err instanceof ApiError && (err.status === 404 || err.status === 405) && state.jobsApi === null)) throw err;
+        state.jobsApi = false; // an older gateway: sync generation below
+      }
+    }
+    for (const [i, body] of bodies.entries()) {
+      setStatus(`${label}: generating image ${i + 1} of ${bodies.length}…`);
+      const { data } = await api(SYNC_PATHS[kind], { method: "POST", body });
+      addCard(data, kind, body);
+    }
+    setStatus(`${label}: done.`);
+  } catch (err) {
+    if (err instanceof ApiError) handleError(err);
+    else showProblem("Unexpected error", String(err));
+  } finally {
+    setBusy(false);
+  }
+}
+
+const STATUS_WORDS = { queued: "queued", running: "running", succeeded: "done", failed: "failed" };
+
+async function followJob(location, job, kind, bodies, label) {
+  let delay = POLL_START_MS;
+  const shown = new Set();
+  for (;;) {
+    const items = job.items || [];
+    const done = items.filter((i) => i.status === "succeeded" || i.status === "failed").length;
+    for (const item of items) {
+      if (item.status === "succeeded" && item.result && !shown.has(item.index)) {
+        shown.add(item.index);
+        addCard(item.result, kind, bodies[item.index] ?? bodies[0]);
+      }
+    }
+    const word = STATUS_WORDS[job.status] || job.status;
+    setStatus(`${label}: job ${word}${items.length > 1 ? `, ${done} of ${items.length} images` : ""}…`);
+    if (job.status === "succeeded" || job.status === "failed") break;
+    await sleep(delay);
+    delay = Math.min(POLL_MAX_MS, Math.round(delay * 1.5));
+    ({ data: job } = await api(location));
+  }
+  const failed = (job.items || []).filter((i) => i.status === "failed");
+  if (job.status === "failed" || failed.length) {
+    const why = job.error || failed.map((i) => `image ${i.index + 1}: ${i.error}`).join("; ");
+    setStatus(`${label}: job failed.`);
+    showProblem("The job failed", why || "The server gave no reason.");
+  } else {
+    setStatus(`${label}: done.`);
+  }
+}
+
+// ---------- gallery ----------
+
+function addCard(result, kind, body) {
+  state.cards += 1;
+  const n = state.cards;
+  const node = el.cardTemplate.content.firstElementChild.cloneNode(true);
+  node.id = `card-${n}`;
+  node.dataset.assetId = result.id;
+  node.dataset.seed = String(result.seed);
+  const img = node.querySelector("img");
+  img.src = result.asset_url;
+  img.width = result.width;
+  img.height = result.height;
+  img.alt = `Forged image ${n}: ${result.prompt}`;
+  node.querySelector(".image-link").href = result.asset_url;
+  node.querySelector(".prompt").textContent = result.prompt;
+  const meta = [
+    ["Seed", String(result.seed)],
+    ["Size", `${result.width} × ${result.height}`],
+    ["Steps", body.steps ?? "default"],
+    ["Guidance", body.guidance_scale ?? "default"],
+    ["Scheduler", human(body.scheduler || "dpmpp_2m")],
+    ["Model", `${result.model.name} ${result.model.version}`.trim()],
+    ["Time", result.cached ? "from cache" : `${(result.timings.total_ms / 1000).toFixed(2)} s`],
+  ];
+  if (kind === "weapon") meta.unshift(["Weapon", state.weaponFields.map((f) => body[f]).filter((v) => v && v !== "none").join(" · ")]);
+  node.querySelector(".meta").replaceChildren(...meta.flatMap(([k, v]) => [
+    Object.assign(document.createElement("dt"), { textContent: k }),
+    Object.assign(document.createElement("dd"), { textContent: String(v) }),
+  ]));
+  const download = node.querySelector(".download");
+  download.href = result.asset_url;
+  download.download = `forge-${result.seed}.${result.format}`;
+  download.setAttribute("aria-label", `Download image ${n} (${result.format.toUpperCase()})`);
+  const again = node.querySelector(".again");
+  again.setAttribute("aria-label", `Again with seed ${result.seed} (image ${n})`);
+  again.addEventListener("click", () =>
+    forge(kind, [{ ...body, seed: BigInt(result.seed) }], `Again with seed ${result.seed}`));
+  const variations = node.querySelector(".variations");
+  variations.setAttribute("aria-label", `Variations of image ${n}: the next three seeds`);
+  variations.addEventListener("click", () => {
+    const seed = BigInt(result.seed);
+    const seeds = [1n, 2n, 3n].map((d) => (seed + d <= SEED_MAX ? seed + d : seed - d));
+    forge(kind, seeds.map((s) => ({ ...body, seed: s })), `Variations of image ${n}`);
+  });
+  const first = state.seenIds.get(result.id);
+  if (first !== undefined) {
+    const same = node.querySelector(".same");
+    same.textContent = `Identical to image ${first}: same seed and parameters, same asset.`;
+    same.hidden = false;
+  } else {
+    state.seenIds.set(result.id, n);
+  }
+  if (/tiny/i.test(result.model.name)) {
+    el.tinyName.textContent = result.model.name;
+    el.tinyNote.hidden = false;
+  }
+  el.galleryEmpty.hidden = true;
+  el.gallery.prepend(node);
+  el.galleryCount.textContent = `${state.cards} image${state.cards === 1 ? "" : "s"}`;
+  setBusy(state.busy);
+}
+
+// ---------- key ----------
+
+function showKeyPanel(message = "") {
+  el.keyPanel.hidden = false;
+  el.keyError.textContent = message;
+  if (message) el.keyInput.setAttribute("aria-invalid", "true");
+  else el.keyInput.removeAttribute("aria-invalid");
+  el.keyInput.focus();
+}
+
+function showKeyState() {
+  el.keyState.hidden = !state.key;
+  if (state.key) el.keyHint.textContent = `…${state.key.slice(-4)}`;
+}
+
+async function start() {
+  showKeyState();
+  if (!state.key) {
+    el.workspace.hidden = true;
+    showKeyPanel();
+    return;
+  }
+  setStatus("Loading the forge…");
+  try {
+    const [{ data: openapi }, templates] = await Promise.all([
+      api("/openapi.json", { auth: false }),
+      api("/v1/weapons/templates").then((r) => r.data).catch((err) => {
+        if (err instanceof ApiError && err.status === 404) return null; // gateway without it
+        throw err;
+      }),
+    ]);
+    buildBuilder(openapi);
+    state.templates = templates;
+    state.negative = templates?.negative_prompt ?? "";
+    el.prompt.readOnly = !templates;
+    if (!templates) el.prompt.value = "The server writes the prompt from the weapon (no preview).";
+    updatePrompt();
+    el.keyPanel.hidden = true;
+    el.workspace.hidden = false;
+    setStatus("");
+  } catch (err) {
+    setStatus("");
+    if (err instanceof ApiError && err.status === 401) {
+      el.workspace.hidden = true;
+      showKeyPanel(`The API key was refused: ${err.detail || err.title}. Enter a valid key.`);
+    } else {
+      el.workspace.hidden = false;
+      if (err instanceof ApiError) handleError(err);
+      else showProblem("The page could not start", String(err));
+    }
+  }
+}
+
+el.keyForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = el.keyInput.value.trim();
+  if (!key) {
+    showKeyPanel("Enter an API key.");
+    return;
+  }
+  state.key = key;
+  localStorage.setItem(KEY_STORAGE, key);
+  el.keyInput.value = "";
+  start();
+});
+
+el.forgetKey.addEventListener("click", () => {
+  localStorage.removeItem(KEY_STORAGE);
+  state.key = null;
+  showKeyState();
+  el.workspace.hidden = true;
+  showKeyPanel("The key is forgotten: this browser no longer holds it.");
+  el.keyInput.removeAttribute("aria-invalid");
+});
+
+el.changeKey.addEventListener("click", () => showKeyPanel());
+
+el.builder.addEventListener("change", (e) => { if (e.target.closest("#choices")) updatePrompt(); });
+el.text.addEventListener("input", updatePrompt);
+el.prompt.addEventListener("input", showPromptMode);
+el.resetPrompt.addEventListener("click", () => {
+  el.prompt.value = state.rendered;
+  showPromptMode();
+  el.prompt.focus();
+});
+// Editing a field clears its error (the selects are built later: delegate).
+el.builder.addEventListener("input", (e) => {
+  const input = e.target;
+  if (input.getAttribute?.("aria-invalid")) {
+    input.removeAttribute("aria-invalid");
+    const out = $(`err-${input.name}`);
+    if (out) out.textContent = "";
+  }
+});
+el.builder.addEventListener("submit", (e) => {
+  e.preventDefault();
+  clearErrors();
+  const request = formRequest();
+  if (request) forge(request.kind, [request.body], "Forge");
+});
+
+start();

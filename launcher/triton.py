@@ -89,6 +89,9 @@ class Triton:
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=true",
             "--metrics-interval-ms=1000",
+            # Latency quantiles (P50/P90/P95/P99 over a sliding window) for request, queue
+            # and compute time: nv_inference_{request,queue,compute_infer}_summary_us.
+            "--metrics-config=summary_latencies=true",
             "--exit-timeout-secs=30",
             "--log-verbose=0",
         ]

@@ -14,14 +14,17 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import problems
-from gateway.assets import AssetStore, DirectoryStore, S3Store
+from gateway import job_routes, problems, web
+from gateway.assets import asset_store
 from gateway.cache import ResultCache
 from gateway.deps import Services
 from gateway.generation import Generator
 from gateway.idempotency import Idempotency
+from gateway.job_routes import add_weapon_job_route
+from gateway.jobs import JobStore
 from gateway.keys import KeyStore
 from gateway.problems import Problem
+from gateway.queue import JobQueue
 from gateway.ratelimit import RateLimiter
 from gateway.routes import add_weapon_route, router
 from gateway.settings import Settings
@@ -58,14 +61,6 @@ class BodyLimit:
             return message
 
         return await self.app(scope, limited, send)
-
-
-def asset_store(settings: Settings) -> AssetStore:
-    if settings.asset_s3_bucket:
-        return S3Store(
-            settings.asset_s3_bucket, settings.asset_s3_prefix, settings.asset_s3_endpoint
-        )
-    return DirectoryStore(settings.asset_dir)
 
 
 async def bootstrap_keys(keys: KeyStore, settings: Settings) -> None:
@@ -117,12 +112,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.retry_after_s,
             ),
             weapons=weapons,
+            jobs=JobStore(redis, settings.job_ttl_s),
+            queue=JobQueue(settings),
         )
         bootstrap = asyncio.create_task(bootstrap_keys(keys, settings))
         yield
         bootstrap.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await bootstrap
+        await app.state.services.queue.close()
         await triton.close()
         await redis.aclose()
 
@@ -138,5 +136,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app, endpoint="/metrics", include_in_schema=False
     )
     app.include_router(router)
-    add_weapon_route(app.router, weapons.request_model())
+    app.include_router(web.router)  # the forge page at / (not in the OpenAPI document)
+    weapon_model = weapons.request_model()
+    add_weapon_route(app.router, weapon_model)
+    app.include_router(job_routes.router)
+    add_weapon_job_route(app.router, weapon_model)
     return app

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway.settings import Settings
+
 KEY = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<ext>png|webp)$")
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}
 
@@ -120,3 +122,12 @@ class S3Store:
         except self.client.exceptions.ClientError:
             return False
         return True
+
+
+def asset_store(settings: Settings) -> AssetStore:
+    """S3 when a bucket is set, else the directory (a volume in Kubernetes)."""
+    if settings.asset_s3_bucket:
+        return S3Store(
+            settings.asset_s3_bucket, settings.asset_s3_prefix, settings.asset_s3_endpoint
+        )
+    return DirectoryStore(settings.asset_dir)

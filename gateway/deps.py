@@ -11,8 +11,10 @@ from redis.asyncio import Redis
 
 from gateway.generation import Generator
 from gateway.idempotency import Idempotency
+from gateway.jobs import JobStore
 from gateway.keys import ApiKey, KeyStore
 from gateway.problems import Problem
+from gateway.queue import JobQueue
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 from gateway.triton_client import AsyncTriton
@@ -29,6 +31,8 @@ class Services:
     idempotency: Idempotency
     generator: Generator
     weapons: WeaponTemplates
+    jobs: JobStore
+    queue: JobQueue
 
 
 def services(request: Request) -> Services:

@@ -96,3 +96,41 @@ class KeyInfo(BaseModel):
 
 class CreatedKey(KeyInfo):
     key: str = Field(description="the secret; shown only once")
+
+
+Priority = Literal["priority", "standard", "bulk"]
+ItemStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class JobOptions(Strict):
+    callback_url: str | None = Field(
+        None,
+        max_length=2000,
+        pattern=r"^https?://",
+        description="receives the finished job, signed as Standard Webhooks specifies",
+    )
+    priority: Priority | None = Field(
+        None, description="queue to use; at most the API key's tier (default: the tier)"
+    )
+
+
+class ImageJobRequest(JobOptions):
+    images: list[ImageRequest] = Field(min_length=1, description="one image per entry")
+
+
+class JobItem(BaseModel):
+    index: int
+    status: ItemStatus
+    result: ImageResult | None = None
+    error: str | None = None
+    attempts: int = 0
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: ItemStatus
+    created_at: float
+    updated_at: float
+    priority: Priority
+    items: list[JobItem]
+    error: str | None = Field(None, description="why the job failed, if it did")

@@ -39,6 +39,30 @@ class Settings(BaseSettings):
     rate_limit: str = "2000/minute"
     rate_limit_by_tier: dict[str, str] = {"priority": "6000/minute", "bulk": "1000/minute"}
 
+    # Async jobs over Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = "forge.jobs."
+    topic_partitions: int = 3
+    topic_replication: int = 1
+    consumer_group: str = "forge-workers"
+    kafka_idempotence: bool = Field(
+        False, description="producer idempotence; the local tansu broker lacks InitProducerId v3"
+    )
+    max_job_items: int = 100
+    job_ttl_s: int = 7 * 86_400
+    worker_concurrency: int = 4
+    worker_metrics_port: int = 9300
+    # Longer than the longest job (a poll gap past it makes the broker drop the worker).
+    max_poll_interval_ms: int = 900_000
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_attempts: int = 5
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 30.0
+    webhook_secret: str | None = Field(None, description="whsec_... (Standard Webhooks)")
+    webhook_attempts: int = 5
+    webhook_timeout_s: float = 10.0
+
     # Cache and idempotency
     idempotency_ttl_s: int = 86_400
     cache_ttl_s: int = 30 * 86_400

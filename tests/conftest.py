@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
 import sys
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from launcher.gateway import GatewayServer
+from launcher.gateway import GatewayServer, WorkerServer
+from launcher.kafka import KafkaBroker
 from launcher.redis import RedisServer
 from launcher.triton import Triton
 
@@ -72,6 +76,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 DEV_KEY = "fk_test_dev_key"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"crafterse-forge-test-secret-32b!").decode()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    server = KafkaBroker(tmp_path_factory.mktemp("broker")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def gateway_env(triton: Triton, redis: RedisServer, assets: Path, **extra: str) -> dict[str, str]:
@@ -82,21 +96,86 @@ def gateway_env(triton: Triton, redis: RedisServer, assets: Path, **extra: str) 
         "FORGE_DEV_API_KEY": DEV_KEY,
         "FORGE_TRITON_TIMEOUT_S": "60",
         "FORGE_RETRY_AFTER_S": "3",
+        "FORGE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        # Fast group membership for tests; production keeps the defaults.
+        "FORGE_SESSION_TIMEOUT_MS": "6000",
+        "FORGE_HEARTBEAT_INTERVAL_MS": "1000",
         **extra,
     }
 
 
 @pytest.fixture(scope="session")
 def gateway(
-    triton: Triton, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    triton: Triton,
+    redis_server: RedisServer,
+    broker: KafkaBroker,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayServer]:
     workdir = tmp_path_factory.mktemp("gateway")
     # Small limits for the "bulk" tier so that the rate-limit test can exhaust one.
     env = gateway_env(
-        triton, redis_server, workdir / "assets", FORGE_RATE_LIMIT_BY_TIER='{"bulk": "10/minute"}'
+        triton,
+        redis_server,
+        workdir / "assets",
+        FORGE_RATE_LIMIT_BY_TIER='{"bulk": "10/minute"}',
+        FORGE_KAFKA_BOOTSTRAP=broker.bootstrap,
     )
     server = GatewayServer(workdir, env).start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class JobsStack:
+    """A gateway and its workers on topics of their own (a fresh prefix per test)."""
+
+    triton: Triton
+    redis: RedisServer
+    broker: KafkaBroker
+    workdir: Path
+    prefix: str
+    gateway: GatewayServer | None = None
+    workers: list[WorkerServer] = field(default_factory=list)
+
+    @property
+    def assets(self) -> Path:
+        return self.workdir / "assets"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return gateway_env(
+            self.triton,
+            self.redis,
+            self.assets,
+            FORGE_KAFKA_BOOTSTRAP=self.broker.bootstrap,
+            FORGE_TOPIC_PREFIX=self.prefix,
+            FORGE_TOPIC_PARTITIONS="2",
+            FORGE_CONSUMER_GROUP=f"{self.prefix}workers",
+            **extra,
+        )
+
+    def start_gateway(self, **extra: str) -> GatewayServer:
+        self.gateway = GatewayServer(self.workdir, self.env(**extra)).start()
+        return self.gateway
+
+    def start_worker(self, **extra: str) -> WorkerServer:
+        worker = WorkerServer(self.workdir, self.env(**extra)).start()
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for server in [*self.workers, self.gateway]:
+            if server is not None:
+                server.kill()
+
+
+@pytest.fixture
+def jobs_stack(
+    triton: Triton, redis_server: RedisServer, broker: KafkaBroker, tmp_path: Path
+) -> Iterator[JobsStack]:
+    stack = JobsStack(triton, redis_server, broker, tmp_path, f"t{uuid.uuid4().hex[:8]}.")
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -1,0 +1,142 @@
+"""Async jobs: the Kafka message of one item, and job state in Redis.
+
+A job is one or more items (images). Each item travels as its own Kafka message, so items
+spread over workers and reach Triton's batcher together. The job's status is derived from
+its items' states, which workers write to one Redis hash per job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from gateway.schemas import ImageOptions, ImageResult, JobItem, JobStatus
+
+PREFIX = "forge:job:"
+TERMINAL = ("succeeded", "failed")
+
+
+class JobMessage(BaseModel):
+    """One item on a request or retry topic."""
+
+    job_id: str
+    index: int
+    api_key_id: str
+    prompt: str
+    negative_prompt: str
+    options: ImageOptions
+    submitted_at: float
+    topic: str = Field(description="the request topic it was first sent to")
+    attempt: int = 0
+    not_before: float = 0.0
+
+    @property
+    def key(self) -> bytes:
+        return f"{self.job_id}:{self.index}".encode()
+
+
+def new_job_id() -> str:
+    return f"job_{uuid.uuid4().hex}"
+
+
+class JobStore:
+    def __init__(self, redis: Redis, ttl_s: int) -> None:
+        self.redis, self.ttl_s = redis, ttl_s
+
+    async def create(
+        self, job_id: str, api_key_id: str, count: int, priority: str, callback_url: str | None
+    ) -> None:
+        now = time.time()
+        meta = {
+            "api_key_id": api_key_id,
+            "count": count,
+            "priority": priority,
+            "callback_url": callback_url,
+            "created_at": now,
+        }
+        fields = {"meta": json.dumps(meta)}
+        fields |= {
+            f"item:{i}": json.dumps({"status": "queued", "updated_at": now}) for i in range(count)
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(PREFIX + job_id, mapping=fields)
+            pipe.expire(PREFIX + job_id, self.ttl_s)
+            await pipe.execute()
+
+    async def delete(self, job_id: str) -> None:
+        await self.redis.delete(PREFIX + job_id)
+
+    async def meta(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hget(PREFIX + job_id, "meta")
+        return None if raw is None else dict(json.loads(raw))
+
+    async def item(self, job_id: str, index: int) -> dict[str, Any] | None:
+        raw = await self.redis.hget(PREFIX + job_id, f"item:{index}")
+        return None if raw is None else dict(json.loads(raw))
+
+    async def set_item(
+        self,
+        job_id: str,
+        index: int,
+        status: str,
+        *,
+        attempts: int,
+        result: ImageResult | None = None,
+        error: str | None = None,
+    ) -> None:
+        value = {
+            "status": status,
+            "attempts": attempts,
+            "updated_at": time.time(),
+            "result": result.model_dump(mode="json") if result else None,
+            "error": error,
+        }
+        await self.redis.hset(PREFIX + job_id, f"item:{index}", json.dumps(value))
+
+    async def claim_callback(self, job_id: str) -> bool:
+        """True for exactly one caller once every item is done: that one sends the webhook."""
+        status = await self.status(job_id)
+        if status is None or status.status not in TERMINAL:
+            return False
+        return bool(await self.redis.hsetnx(PREFIX + job_id, "callback", str(time.time())))
+
+    async def status(self, job_id: str) -> JobStatus | None:
+        raw = await self.redis.hgetall(PREFIX + job_id)
+        if not raw:
+            return None
+        fields = {k.decode(): json.loads(v) for k, v in raw.items() if k != b"callback"}
+        meta = fields.pop("meta")
+        items = [
+            JobItem(
+                index=i,
+                status=s["status"],
+                result=s.get("result"),
+                error=s.get("error"),
+                attempts=s.get("attempts", 0),
+            )
+            for i, s in sorted(((int(k.split(":")[1]), v) for k, v in fields.items()))
+        ]
+        states = {item.status for item in items}
+        if states <= {"succeeded"}:
+            overall = "succeeded"
+        elif states <= set(TERMINAL):
+            overall = "failed"
+        elif states & {"running", "succeeded", "failed"}:
+            overall = "running"
+        else:
+            overall = "queued"
+        errors = [f"item {i.index}: {i.error}" for i in items if i.status == "failed"]
+        return JobStatus(
+            id=job_id,
+            status=overall,
+            created_at=meta["created_at"],
+            updated_at=max([meta["created_at"], *(v["updated_at"] for v in fields.values())]),
+            priority=meta["priority"],
+            items=items,
+            error="; ".join(errors) if overall == "failed" else None,
+        )

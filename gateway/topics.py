@@ -1,0 +1,68 @@
+"""Kafka topic names (one source of truth) and their creation at start-up."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TIERS = ("priority", "standard", "bulk")  # highest first
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+
+    def requests(self, tier: str) -> str:
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}")
+        return f"{self.prefix}{tier}"
+
+    @property
+    def retry(self) -> str:
+        return f"{self.prefix}retry"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}results"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}dead-letter"
+
+    @property
+    def consumed(self) -> list[str]:
+        """What workers read, highest priority first."""
+        return [*(self.requests(t) for t in TIERS), self.retry]
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.consumed, self.results, self.dead_letter]
+
+    def rank(self, topic: str) -> int:
+        return self.consumed.index(topic) if topic in self.consumed else len(self.consumed)
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create every topic that is missing, with the configured partitions and replication."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in Topics(settings.topic_prefix).all if t not in existing]
+        if missing:
+            new = [
+                NewTopic(t, settings.topic_partitions, settings.topic_replication) for t in missing
+            ]
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process was first
+                await admin.create_topics(new)
+            log.info("created topics %s", missing)
+    finally:
+        await admin.close()

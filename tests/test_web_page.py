@@ -1,0 +1,386 @@
+"""The forge page at `/` in a real headless Chromium, against the live local stack.
+
+Triton (tiny model), Redis, the Kafka-protocol broker, a gateway and a worker run as real
+processes; Playwright drives Debian's `/usr/bin/chromium`. Screenshots are kept as test
+artifacts under `$FORGE_TEST_ARTIFACTS/web` (default `var/test-artifacts/web`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.settings import Settings
+from gateway.weapons import WeaponTemplates
+from launcher.gateway import GatewayServer
+from launcher.kafka import KafkaBroker
+from launcher.process import free_port
+from launcher.redis import RedisServer
+from launcher.triton import Triton
+from tests.conftest import DEV_KEY, ROOT, JobsStack, gateway_env
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(
+        "Debian's chromium is not installed (/usr/bin/chromium); `make install` installs it",
+        allow_module_level=True,
+    )
+
+from playwright.sync_api import Browser, Page, Request, expect, sync_playwright  # noqa: E402
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(os.environ.get("FORGE_TEST_ARTIFACTS", ROOT / "var" / "test-artifacts")) / "web"
+# In cost units (one step at 512x512): a 4-step 64x64 image costs 1, so the page's own
+# requests pass, and one 150-step 1024x1024 request (600 units) is refused with 429. A short
+# window keeps the Retry-After countdown short.
+RATE_LIMIT = "200 per 12 seconds"
+FAST = {"steps": "4", "size": "64x64"}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    triton: Triton,
+    redis_server: RedisServer,
+    broker: KafkaBroker,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[JobsStack]:
+    """A gateway with a small rate limit and one worker, on topics of their own."""
+    workdir = tmp_path_factory.mktemp("web-stack")
+    stack = JobsStack(triton, redis_server, broker, workdir, f"w{uuid.uuid4().hex[:8]}.")
+    try:
+        stack.start_gateway(FORGE_RATE_LIMIT=RATE_LIMIT)
+        stack.start_worker()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A fresh browser context (empty local storage) per test; page errors fail the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        yield page
+    finally:
+        shot(page, f"{request.node.name}-last")
+        context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def shot(page: Page, name: str) -> Path:
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def gateway_url(stack: JobsStack) -> str:
+    assert stack.gateway is not None
+    return stack.gateway.url
+
+
+def open_forge(page: Page, url: str, key: str = DEV_KEY) -> None:
+    page.goto(url)
+    key_input = page.get_by_label("API key", exact=True)
+    expect(key_input).to_be_focused()
+    key_input.fill(key)
+    key_input.press("Enter")
+    expect(page.locator("#workspace")).to_be_visible()
+
+
+def choose(page: Page, **values: str) -> None:
+    """Weapon choices by their label, image settings by field name (steps, size, seed...)."""
+    advanced = page.locator("#advanced")
+    if advanced.get_attribute("open") is None:
+        page.get_by_text("Image settings").click()
+    for name, value in values.items():
+        field = page.locator(f"#f-{name}")
+        if field.evaluate("e => e.tagName") == "SELECT":
+            field.select_option(value)
+        else:
+            field.fill(value)
+
+
+def cards(page: Page) -> Any:
+    return page.locator("#gallery > li")
+
+
+def card_info(page: Page, nth: int = 0) -> dict[str, Any]:
+    """The nth card from the top (newest first): asset id, seed, image size as loaded."""
+    card = cards(page).nth(nth)
+    img = card.locator("img")
+    expect(img).to_have_js_property("complete", True)
+    return {
+        "id": card.get_attribute("data-asset-id"),
+        "seed": int(card.get_attribute("data-seed") or -1),
+        "natural_width": img.evaluate("i => i.naturalWidth"),
+        "src": img.get_attribute("src"),
+        "prompt": card.locator(".prompt").text_content(),
+    }
+
+
+def posts(requests: list[Request], path: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(r.post_data or "{}")
+        for r in requests
+        if r.method == "POST" and r.url.endswith(path)
+    ]
+
+
+def test_page_is_served_outside_the_api_schema(stack: JobsStack) -> None:
+    url = gateway_url(stack)
+    with httpx.Client(base_url=url) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        again = c.get("/", headers={"If-None-Match": page.headers["etag"]})
+        assert again.status_code == 304
+        for name in ("app.js", "app.css"):
+            assert c.get(f"/static/{name}").status_code == 200
+        assert c.get("/static/..%2Fweb.py").status_code == 404
+        assert c.get("/static/nothing.js").headers["content-type"] == "application/problem+json"
+        paths = c.get("/openapi.json").json()["paths"]
+        assert "/" not in paths and not any(p.startswith("/static") for p in paths)
+        assert "get" in paths["/v1/weapons/templates"]
+        assert c.get("/v1/weapons/templates").status_code == 401
+        templates = c.get(
+            "/v1/weapons/templates", headers={"Authorization": f"Bearer {DEV_KEY}"}
+        ).json()
+    loaded = WeaponTemplates.load(Settings().weapon_templates)
+    assert templates["fields"] == loaded.fields and templates["prompt"] == loaded.prompt
+
+
+def test_a_bad_key_is_refused_then_the_builder_follows_the_schema(
+    stack: JobsStack, page: Page
+) -> None:
+    url = gateway_url(stack)
+    open_forge_bad = page.goto(url)
+    assert open_forge_bad is not None and open_forge_bad.ok
+    page.get_by_label("API key", exact=True).fill("fk_not_a_key")
+    page.get_by_role("button", name="Use this key").click()
+    error = page.locator("#key-error")
+    expect(error).to_contain_text("The API key was refused")
+    expect(error).to_contain_text("unknown or revoked")
+    expect(page.get_by_label("API key", exact=True)).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#workspace")).to_be_hidden()
+    shot(page, "01-bad-key")
+
+    page.get_by_label("API key", exact=True).fill(DEV_KEY)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#workspace")).to_be_visible()
+    expect(page.locator("#key-hint")).to_have_text("…_key")
+    assert page.evaluate("localStorage.getItem('forge.apiKey')") == DEV_KEY
+
+    # The choices are the enums of the OpenAPI document (the studio's template file).
+    schema = httpx.get(f"{url}/openapi.json").json()["components"]["schemas"]["WeaponRequest"]
+    for name in ("weapon_type", "material", "element", "rarity", "style"):
+        options = page.locator(f"#f-{name} option").evaluate_all("os => os.map(o => o.value)")
+        assert options == schema["properties"][name]["enum"], name
+        expect(page.locator(f"#f-{name}")).to_have_accessible_name(
+            re.compile(name.replace("_", " "), re.I)
+        )
+
+    # The preview is what the server's templates render, choice by choice.
+    templates = WeaponTemplates.load(Settings().weapon_templates)
+    weapon = {
+        "weapon_type": "axe",
+        "material": "obsidian",
+        "element": "frost",
+        "rarity": "legendary",
+        "style": "pixel",
+    }
+    choose(page, **weapon, text="  chipped   blade ")
+    model = templates.request_model()
+    expected, _ = templates.render(model(**weapon, text="  chipped   blade "))
+    expect(page.locator("#f-prompt")).to_have_value(expected)
+    expect(page.locator("#prompt-mode")).to_have_text("from the studio template")
+
+    # Every control has a label; the page does not scroll sideways on a phone.
+    unlabeled = page.evaluate(
+        "[...document.querySelectorAll('input, select, textarea')]"
+        ".filter(e => !e.labels || !e.labels.length).map(e => e.id)"
+    )
+    assert unlabeled == []
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    shot(page, "02-builder-phone")
+
+    page.get_by_role("button", name="Forget key").click()
+    expect(page.locator("#key-panel")).to_be_visible()
+    expect(page.locator("#workspace")).to_be_hidden()
+    assert page.evaluate("localStorage.getItem('forge.apiKey')") is None
+
+
+def test_forge_then_same_seed_then_variations_as_async_jobs(stack: JobsStack, page: Page) -> None:
+    url = gateway_url(stack)
+    requests: list[Request] = []
+    page.on("request", lambda r: requests.append(r))
+    open_forge(page, url)
+    choose(page, weapon_type="sword", material="crystal", element="lightning", **FAST)
+    page.get_by_role("button", name="Forge", exact=True).click()
+    expect(page.locator("#status")).to_contain_text("job")
+    expect(cards(page)).to_have_count(1, timeout=60_000)
+    expect(page.locator("#status")).to_have_text("Forge: done.")
+    first = card_info(page)
+    assert first["natural_width"] == 64, "the image did not load"
+    assert first["src"] == f"/assets/{first['id']}"
+    expect(page.locator("#tiny-note")).to_be_visible()
+    shot(page, "03-forged")
+
+    # It went through the async jobs API, polling the Location it gave.
+    (job,) = posts(requests, "/v1/weapons/jobs")
+    assert job["weapons"][0]["weapon_type"] == "sword" and "seed" not in job["weapons"][0]
+    assert any(r.method == "GET" and "/v1/jobs/" in r.url for r in requests)
+    assert not posts(requests, "/v1/weapons")
+
+    # The download link saves the very asset.
+    download = cards(page).nth(0).locator("a.download")
+    expect(download).to_have_attribute("download", f"forge-{first['seed']}.png")
+    with page.expect_download() as info:
+        download.click()
+    saved = Path(info.value.path()).read_bytes()
+    assert saved == httpx.get(f"{url}/assets/{first['id']}").content
+
+    # Again with this seed: same parameters and seed, the same image (same content key).
+    cards(page).nth(0).get_by_role("button", name=re.compile("^Again with seed")).click()
+    expect(cards(page)).to_have_count(2, timeout=60_000)
+    again = card_info(page)
+    assert again["seed"] == first["seed"] and again["id"] == first["id"]
+    expect(cards(page).nth(0).locator(".same")).to_contain_text("Identical to image 1")
+    sent = posts(requests, "/v1/weapons/jobs")[-1]["weapons"]
+    assert len(sent) == 1 and sent[0]["seed"] == first["seed"]  # exact, beyond 2**53
+
+    # Variations: the next three seeds, as one batch job; three different images.
+    cards(page).nth(0).get_by_role("button", name=re.compile("^Variations")).click()
+    expect(cards(page)).to_have_count(5, timeout=90_000)
+    batch = posts(requests, "/v1/weapons/jobs")[-1]["weapons"]
+    assert [w["seed"] for w in batch] == [first["seed"] + d for d in (1, 2, 3)]
+    assert len(posts(requests, "/v1/weapons/jobs")) == 3
+    varied = [card_info(page, i) for i in range(3)]
+    assert sorted(v["seed"] for v in varied) == [first["seed"] + d for d in (1, 2, 3)]
+    assert len({v["id"] for v in varied} | {first["id"]}) == 4
+    expect(page.locator("#gallery-count")).to_have_text("5 images")
+    shot(page, "04-gallery")
+
+
+def test_an_edited_prompt_is_drawn_as_written(stack: JobsStack, page: Page) -> None:
+    requests: list[Request] = []
+    page.on("request", lambda r: requests.append(r))
+    open_forge(page, gateway_url(stack))
+    choose(page, **FAST)
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("a rune-etched bronze trident, game item icon")
+    expect(page.locator("#prompt-mode")).to_have_text("edited: drawn as written")
+    page.get_by_role("button", name="Forge", exact=True).click()
+    expect(cards(page)).to_have_count(1, timeout=60_000)
+    assert card_info(page)["prompt"] == "a rune-etched bronze trident, game item icon"
+    (job,) = posts(requests, "/v1/jobs")
+    assert job["images"][0]["prompt"] == "a rune-etched bronze trident, game item icon"
+    assert job["images"][0]["negative_prompt"]  # the studio's negative prompt goes along
+    page.get_by_role("button", name="Back to the template").click()
+    expect(page.locator("#prompt-mode")).to_have_text("from the studio template")
+
+
+def test_an_invalid_field_is_shown_beside_it(stack: JobsStack, page: Page) -> None:
+    requests: list[Request] = []
+    page.on("request", lambda r: requests.append(r))
+    open_forge(page, gateway_url(stack))
+    choose(page, size="64x64", steps="500")
+    page.locator("#f-steps").press("Enter")  # keyboard submit
+    error = page.locator("#err-steps")
+    expect(error).to_contain_text("less than or equal to 150")
+    steps = page.get_by_label("Steps", exact=True)
+    expect(steps).to_have_attribute("aria-invalid", "true")
+    expect(steps).to_be_focused()
+    expect(page.locator("#problem")).to_contain_text("beside the fields")
+    assert posts(requests, "/v1/weapons/jobs"), "the server, not the page, judged the field"
+    expect(cards(page)).to_have_count(0)
+    shot(page, "05-invalid-field")
+    steps.fill("4")
+    expect(error).to_be_empty()
+
+
+def test_a_rate_limit_shows_a_countdown_then_allows_again(stack: JobsStack, page: Page) -> None:
+    open_forge(page, gateway_url(stack))
+    choose(page, size="1024x1024", steps="150")  # 600 units against a 200-unit window
+    forge = page.locator("#forge")
+    forge.click()
+    expect(page.locator("#problem")).to_contain_text("Rate limit reached")
+    timer = page.locator("#retry-timer")
+    expect(timer).to_have_text(re.compile(r"You can forge again in \d+ s"))
+    expect(forge).to_be_disabled()
+    expect(forge).to_have_text(re.compile(r"Wait \d+ s"))
+    first = int(re.findall(r"\d+", timer.text_content() or "")[0])
+    assert 1 <= first <= 12
+    shot(page, "06-rate-limited")
+    if first > 1:  # the countdown is live
+        expect(timer).not_to_have_text(f"You can forge again in {first} s", timeout=3_000)
+    expect(forge).to_be_enabled(timeout=(first + 3) * 1000)
+    expect(forge).to_have_text("Forge")
+    expect(timer).to_be_hidden()
+    expect(page.locator("#status")).to_have_text("You can forge again now.")
+
+
+def test_service_unavailable_is_said_plainly(triton: Triton, page: Page, tmp_path: Path) -> None:
+    """A gateway whose Redis is down: every keyed call is 503 with Retry-After."""
+    dead = RedisServer(tmp_path / "no-redis", port=free_port())  # never started
+    env = gateway_env(triton, dead, tmp_path / "assets")
+    gateway = GatewayServer(tmp_path, env).start()
+    try:
+        page.goto(gateway.url)
+        key_input = page.get_by_label("API key", exact=True)
+        key_input.fill(DEV_KEY)
+        key_input.press("Enter")
+        problem = page.locator("#problem")
+        expect(problem).to_contain_text("The forge is unavailable right now", timeout=15_000)
+        expect(problem).to_contain_text("It is not your request")
+        expect(page.locator("#retry-timer")).to_have_text(re.compile(r"Try again in \d+ s"))
+        shot(page, "07-unavailable")
+    finally:
+        gateway.stop()
+
+
+def test_readme_screenshot(stack: JobsStack, page: Page) -> None:
+    """The picture in the README: a forged weapon with its variations, on a desktop."""
+    open_forge(page, gateway_url(stack))
+    choose(page, weapon_type="axe", material="obsidian", element="frost", rarity="legendary")
+    choose(page, steps="20", size="128x128", seed="20261126")
+    page.get_by_role("button", name="Forge", exact=True).click()
+    expect(cards(page)).to_have_count(1, timeout=60_000)
+    cards(page).nth(0).get_by_role("button", name=re.compile("^Variations")).click()
+    expect(cards(page)).to_have_count(4, timeout=90_000)
+    for i in range(4):
+        card_info(page, i)
+    page.get_by_text("Image settings").click()  # closed: a shorter page
+    page.locator("#forge").focus()
+    time.sleep(0.3)  # the cards' entrance animation
+    page.screenshot(path=str(ARTIFACTS / "readme-forge-page.png"), full_page=True)

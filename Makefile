@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TINY_MODEL := var/models/forge-tiny-sd
 WEIGHTS := model_repository/stable_diffusion/1/weights/manifest.json
 SAMPLE := var/out/first-weapon.png
-APT_PACKAGES := libb64-0d redis-server prometheus prometheus-alertmanager
+APT_PACKAGES := libb64-0d redis-server prometheus prometheus-alertmanager chromium
 
 .PHONY: help install system-deps model up down test bench lint clean
 

@@ -51,6 +51,7 @@ ARTIFACTS = Path(os.environ.get("FORGE_TEST_ARTIFACTS", ROOT / "var" / "test-art
 # window keeps the Retry-After countdown short.
 RATE_LIMIT = "200 per 12 seconds"
 FAST = {"steps": "4", "size": "64x64"}
+TEMPLATES: Path = Settings.model_fields["weapon_templates"].default
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_page_is_served_outside_the_api_schema(stack: JobsStack) -> None:
         templates = c.get(
             "/v1/weapons/templates", headers={"Authorization": f"Bearer {DEV_KEY}"}
         ).json()
-    loaded = WeaponTemplates.load(Settings().weapon_templates)
+    loaded = WeaponTemplates.load(TEMPLATES)
     assert templates["fields"] == loaded.fields and templates["prompt"] == loaded.prompt
 
 
@@ -210,7 +211,7 @@ def test_a_bad_key_is_refused_then_the_builder_follows_the_schema(
         )
 
     # The preview is what the server's templates render, choice by choice.
-    templates = WeaponTemplates.load(Settings().weapon_templates)
+    templates = WeaponTemplates.load(TEMPLATES)
     weapon = {
         "weapon_type": "axe",
         "material": "obsidian",
@@ -249,7 +250,7 @@ def test_forge_then_same_seed_then_variations_as_async_jobs(stack: JobsStack, pa
     page.get_by_role("button", name="Forge", exact=True).click()
     expect(page.locator("#status")).to_contain_text("job")
     expect(cards(page)).to_have_count(1, timeout=60_000)
-    expect(page.locator("#status")).to_have_text("Forge: done.")
+    expect(page.locator("#status")).to_have_text("Forge: done, 1 image added to the gallery.")
     first = card_info(page)
     assert first["natural_width"] == 64, "the image did not load"
     assert first["src"] == f"/assets/{first['id']}"
@@ -371,6 +372,7 @@ def test_service_unavailable_is_said_plainly(triton: Triton, page: Page, tmp_pat
 
 def test_readme_screenshot(stack: JobsStack, page: Page) -> None:
     """The picture in the README: a forged weapon with its variations, on a desktop."""
+    page.set_viewport_size({"width": 1440, "height": 960})
     open_forge(page, gateway_url(stack))
     choose(page, weapon_type="axe", material="obsidian", element="frost", rarity="legendary")
     choose(page, steps="20", size="128x128", seed="20261126")
@@ -381,6 +383,6 @@ def test_readme_screenshot(stack: JobsStack, page: Page) -> None:
     for i in range(4):
         card_info(page, i)
     page.get_by_text("Image settings").click()  # closed: a shorter page
-    page.locator("#forge").focus()
+    page.evaluate("window.scrollTo(0, 0)")
     time.sleep(0.3)  # the cards' entrance animation
-    page.screenshot(path=str(ARTIFACTS / "readme-forge-page.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "readme-forge-page.png"))

@@ -342,13 +342,18 @@ async function forge(kind, bodies, label) {
   if (state.busy || state.retryTimer) return;
   clearErrors();
   setBusy(true);
+  const before = state.cards;
+  const done = () => {
+    const added = state.cards - before;
+    return `${label}: done, ${added} image${added === 1 ? "" : "s"} added to the gallery.`;
+  };
   try {
     if (state.jobsApi !== false) {
       const [path, field] = JOB_PATHS[kind];
       try {
         const { data, res } = await api(path, { method: "POST", body: { [field]: bodies } });
         state.jobsApi = true;
-        await followJob(res.headers.get("Location") || `/v1/jobs/${data.id}`, data, kind, bodies, label);
+        await followJob(res.headers.get("Location") || `/v1/jobs/${data.id}`, data, kind, bodies, label, done);
         return;
       } catch (err) {
         if (!(err instanceof ApiError && (err.status === 404 || err.status === 405) && state.jobsApi === null)) throw err;
@@ -360,7 +365,7 @@ async function forge(kind, bodies, label) {
       const { data } = await api(SYNC_PATHS[kind], { method: "POST", body });
       addCard(data, kind, body);
     }
-    setStatus(`${label}: done.`);
+    setStatus(done());
   } catch (err) {
     if (err instanceof ApiError) handleError(err);
     else showProblem("Unexpected error", String(err));
@@ -369,14 +374,28 @@ async function forge(kind, bodies, label) {
   }
 }
 
+// One poll; a gateway that blinks (restart, 503, network) is asked again with backoff.
+async function poll(location) {
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return (await api(location)).data;
+    } catch (err) {
+      const transient = err instanceof ApiError && [0, 502, 503, 504].includes(err.status);
+      if (!transient || attempt >= 6) throw err;
+      setStatus(`The gateway did not answer; asking again (try ${attempt + 1})…`);
+      await sleep(Math.min(POLL_MAX_MS, 500 * 2 ** attempt));
+    }
+  }
+}
+
 const STATUS_WORDS = { queued: "queued", running: "running", succeeded: "done", failed: "failed" };
 
-async function followJob(location, job, kind, bodies, label) {
+async function followJob(location, job, kind, bodies, label, doneMessage) {
   let delay = POLL_START_MS;
   const shown = new Set();
   for (;;) {
     const items = job.items || [];
-    const done = items.filter((i) => i.status === "succeeded" || i.status === "failed").length;
+    const finished = items.filter((i) => i.status === "succeeded" || i.status === "failed").length;
     for (const item of items) {
       if (item.status === "succeeded" && item.result && !shown.has(item.index)) {
         shown.add(item.index);
@@ -384,11 +403,11 @@ async function followJob(location, job, kind, bodies, label) {
       }
     }
     const word = STATUS_WORDS[job.status] || job.status;
-    setStatus(`${label}: job ${word}${items.length > 1 ? `, ${done} of ${items.length} images` : ""}…`);
+    setStatus(`${label}: job ${word}${items.length > 1 ? `, ${finished} of ${items.length} images` : ""}…`);
     if (job.status === "succeeded" || job.status === "failed") break;
     await sleep(delay);
     delay = Math.min(POLL_MAX_MS, Math.round(delay * 1.5));
-    ({ data: job } = await api(location));
+    job = await poll(location);
   }
   const failed = (job.items || []).filter((i) => i.status === "failed");
   if (job.status === "failed" || failed.length) {
@@ -396,7 +415,7 @@ async function followJob(location, job, kind, bodies, label) {
     setStatus(`${label}: job failed.`);
     showProblem("The job failed", why || "The server gave no reason.");
   } else {
-    setStatus(`${label}: done.`);
+    setStatus(doneMessage());
   }
 }
 
@@ -416,6 +435,9 @@ function addCard(result, kind, body) {
   img.alt = `Forged image ${n}: ${result.prompt}`;
   node.querySelector(".image-link").href = result.asset_url;
   node.querySelector(".prompt").textContent = result.prompt;
+  node.querySelector(".title").textContent = kind === "weapon"
+    ? state.weaponFields.map((f) => body[f]).filter((v) => v && v !== "none").map(human).join(" · ")
+    : "Custom prompt";
   const meta = [
     ["Seed", String(result.seed)],
     ["Size", `${result.width} × ${result.height}`],
@@ -425,7 +447,6 @@ function addCard(result, kind, body) {
     ["Model", `${result.model.name} ${result.model.version}`.trim()],
     ["Time", result.cached ? "from cache" : `${(result.timings.total_ms / 1000).toFixed(2)} s`],
   ];
-  if (kind === "weapon") meta.unshift(["Weapon", state.weaponFields.map((f) => body[f]).filter((v) => v && v !== "none").join(" · ")]);
   node.querySelector(".meta").replaceChildren(...meta.flatMap(([k, v]) => [
     Object.assign(document.createElement("dt"), { textContent: k }),
     Object.assign(document.createElement("dd"), { textContent: String(v) }),

@@ -100,6 +100,7 @@ def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
 
 def shot(page: Page, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
+    page.evaluate("window.scrollTo(0, 0)")  # the builder is sticky: show it at the top
     page.screenshot(path=str(path), full_page=True)
     return path
 

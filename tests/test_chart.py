@@ -9,8 +9,10 @@ rule files, cluster definition, images) always run. Nothing here needs a cluster
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,9 +136,18 @@ def test_triton_command_follows_the_contract(docs: list[dict]) -> None:
         "--load-model=stable_diffusion",
         "--allow-metrics=true",
         "--allow-gpu-metrics=true",
+        "--allow-cpu-metrics=true",
         "--metrics-port=8002",
+        # The config written by `python -m export config` (model-config init container).
+        "--model-config-name=exported",
     ):
         assert arg in triton["args"]
+    # The metrics the dashboards read: the chart passes the launcher's --metrics-config flags.
+    launcher = (ROOT / "launcher" / "triton.py").read_text()
+    metrics_config = re.findall(r'"(--metrics-config=[^"]+)"', launcher)
+    assert metrics_config, "launcher/triton.py passes no --metrics-config"
+    for arg in metrics_config:
+        assert arg in triton["args"], arg
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
 
@@ -182,7 +193,7 @@ def test_model_repository_source_switch(rendered: dict) -> None:
     volumes = {v["name"]: v for v in minimal["volumes"]}
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "forge-models"
     init = [c["name"] for c in minimal["initContainers"]]
-    assert init == ["model-code", "model-export"]
+    assert init == ["model-code", "model-export", "model-config"]
     assert "python -m export onnx" in minimal["initContainers"][1]["command"][-1]
     one(rendered["minimal"], "PersistentVolumeClaim", "forge-models")
     # production: weights from S3 into an emptyDir.
@@ -194,27 +205,116 @@ def test_model_repository_source_switch(rendered: dict) -> None:
     assert pull["command"][-1] == "/models/stable_diffusion/1/weights/"
 
 
-def test_model_config_edits_apply_to_the_committed_config(rendered: dict, tmp_path: Path) -> None:
-    """The model-code init container sets runtime and instance kind with sed: its patterns
-    must match model_repository/stable_diffusion/config.pbtxt as committed."""
-    spec = one(rendered["production"], "Deployment", "forge-triton")["spec"]["template"]["spec"]
-    script = spec["initContainers"][0]["command"][-1]
-    config = ROOT / "model_repository" / "stable_diffusion" / "config.pbtxt"
+EXPORT_CONFIG = ["python", "-m", "export", "config", "--repository", "/models"]
+
+
+def test_model_config_is_written_by_export_config(docs: list[dict]) -> None:
+    """config.pbtxt is copied as committed (no sed); after the weights step, an init container
+    runs `python -m export config` with the runtime and instance kind of the values."""
+    spec = one(docs, "Deployment", "forge-triton")["spec"]["template"]["spec"]
+    names = [c["name"] for c in spec["initContainers"]]
+    code = spec["initContainers"][0]
+    assert code["name"] == "model-code"
+    script = code["command"][-1]
+    assert "sed " not in script and "grep " not in script
+    assert "/config.pbtxt" in script and "/1/*.py" in script
+    weights = "model-weights" if "model-weights" in names else "model-export"
+    assert names.index("model-config") == names.index(weights) + 1
+    config = spec["initContainers"][names.index("model-config")]
+    assert config["image"] == spec["containers"][0]["image"]
+    assert config["command"] == [
+        *EXPORT_CONFIG,
+        "--model-name",
+        "stable_diffusion",
+        "--runtime",
+        "onnxruntime_cuda",
+        "--instance-kind",
+        "KIND_GPU",
+    ]
+    assert {m["mountPath"] for m in config["volumeMounts"]} >= {"/models", "/tmp"}
+
+
+def test_model_config_tuning_values() -> None:
+    docs = render(
+        "production.yaml",
+        sets=(
+            "triton.model.instances=2",
+            "triton.model.maxBatchSize=4",
+            "triton.model.maxQueueDelayUs=0",
+            "triton.model.instanceKind=KIND_CPU",
+            "triton.model.runtime=onnxruntime",
+        ),
+    )
+    spec = one(docs, "Deployment", "forge-triton")["spec"]["template"]["spec"]
+    command = next(c for c in spec["initContainers"] if c["name"] == "model-config")["command"]
+    flags = dict(zip(command[4::2], command[5::2], strict=True))
+    assert flags == {
+        "--repository": "/models",
+        "--model-name": "stable_diffusion",
+        "--runtime": "onnxruntime",
+        "--instance-kind": "KIND_CPU",
+        "--instances": "2",
+        "--max-batch-size": "4",
+        "--max-queue-delay-us": "0",  # 0 is a setting, not "unset"
+    }
+    result = helm_template("production.yaml", sets=("triton.model.maxBatchSize=0",))
+    assert result.returncode != 0 and "maxBatchSize" in result.stderr
+
+
+def test_chart_export_config_flags_exist() -> None:
     result = subprocess.run(
-        [
-            "bash",
-            "-ec",
-            script.replace("/opt/forge/model_repository", str(config.parents[1])).replace(
-                "/models/", f"{tmp_path}/"
-            ),
-        ],
+        [sys.executable, "-m", "export", "config", "--help"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    edited = (tmp_path / "stable_diffusion" / "config.pbtxt").read_text()
-    assert 'string_value: "onnxruntime_cuda"' in edited and "kind: KIND_GPU" in edited
+    for flag in (
+        "--repository",
+        "--model-name",
+        "--runtime",
+        "--instance-kind",
+        "--instances",
+        "--max-batch-size",
+        "--max-queue-delay-us",
+    ):
+        assert flag in result.stdout, flag
+
+
+def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
+    """The model-config init container's command, run on a copy of the committed config and a
+    published manifest, writes configs/exported.pbtxt with the values and the model identity."""
+    docs = render(
+        "production.yaml", sets=("triton.model.maxBatchSize=4", "triton.model.instances=2")
+    )
+    spec = one(docs, "Deployment", "forge-triton")["spec"]["template"]["spec"]
+    command = next(c for c in spec["initContainers"] if c["name"] == "model-config")["command"]
+    model = tmp_path / "stable_diffusion"
+    (model / "1" / "weights").mkdir(parents=True)
+    shutil.copy(ROOT / "model_repository" / "stable_diffusion" / "config.pbtxt", model)
+    identity = {"name": "stable-diffusion-v1-5", "version": "weights-0123abcd"}
+    (model / "1" / "weights" / "manifest.json").write_text(json.dumps({"model": identity}))
+    assert command[:3] == ["python", "-m", "export"]
+    argv = [sys.executable, *command[1:]]
+    argv[argv.index("/models")] = str(tmp_path)
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+    from tritonclient.grpc import model_config_pb2
+
+    from export.triton_config import read_config
+
+    config = read_config(model / "configs" / "exported.pbtxt")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["runtime"] == "onnxruntime_cuda"
+    assert (params["model_name"], params["model_version"]) == (
+        identity["name"],
+        identity["version"],
+    )
+    assert config.max_batch_size == 4
+    kind_gpu = model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
+    assert [(g.kind, g.count) for g in config.instance_group] == [(kind_gpu, 2)]
 
 
 def test_tensorrt_build_runs_on_the_serving_gpu() -> None:
@@ -256,6 +356,77 @@ def test_gateway_and_workers_follow_the_contract(docs: list[dict]) -> None:
         assert ("FORGE_ASSET_S3_BUCKET" in env) != ("FORGE_ASSET_DIR" in env)
     triton_svc = one(docs, "Service", "forge-triton")
     assert {p["name"]: p["port"] for p in triton_svc["spec"]["ports"]}["grpc"] == 8001
+
+
+def test_app_env_follows_the_charts_values(docs: list[dict]) -> None:
+    """Every FORGE_* variable is a setting of gateway/settings.py, and the Kafka and worker
+    settings come from the values the chart itself uses (topics, KEDA, ports), so they cannot
+    drift apart."""
+    from gateway.settings import Settings
+
+    settings = {f"FORGE_{name.upper()}" for name in Settings.model_fields}
+    worker_pod = one(docs, "Deployment", "forge-worker")["spec"]["template"]["spec"]
+    worker = worker_pod["containers"][0]
+    gateway = one(docs, "Deployment", "forge-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(gateway) == env_of(worker)
+    env = env_of(worker)
+    assert set(env) <= settings, set(env) - settings
+    assert len(env) == len(worker["env"]), "a variable is set twice"
+    assert env["FORGE_WORKER_METRICS_PORT"] == str(worker["ports"][0]["containerPort"]) == "9300"
+    assert env["FORGE_CONSUMER_GROUP"] == "forge-workers"
+    assert env["FORGE_WORKER_CONCURRENCY"] == "4"
+    assert int(env["FORGE_MAX_POLL_INTERVAL_MS"]) > int(env["FORGE_SESSION_TIMEOUT_MS"]) > 0
+    assert env["FORGE_KAFKA_IDEMPOTENCE"] == "true"  # real Kafka: Strimzi or MSK
+    prefix = env["FORGE_TOPIC_PREFIX"]
+    assert prefix == "forge.jobs."
+    assert {f"{prefix}{t}" for t in ("priority", "standard", "bulk")} == JOB_TOPICS
+    assert int(env["FORGE_TOPIC_PARTITIONS"]) >= 1
+    topics = find(docs, "KafkaTopic")
+    if topics:  # Strimzi: the gateway creates topics as the chart's KafkaTopics are
+        assert {t["spec"]["replicas"] for t in topics} == {int(env["FORGE_TOPIC_REPLICATION"])}
+        assert max(t["spec"]["partitions"] for t in topics) == int(env["FORGE_TOPIC_PARTITIONS"])
+    scaled = find(docs, "ScaledObject", "forge-worker")
+    for trigger in scaled[0]["spec"]["triggers"] if scaled else []:
+        assert trigger["metadata"]["consumerGroup"] == env["FORGE_CONSUMER_GROUP"]
+        assert trigger["metadata"]["topic"].startswith(prefix)
+    # The webhook signing secret comes from a Secret, generated when none is given.
+    ref = env["FORGE_WEBHOOK_SECRET"]["secretKeyRef"]
+    assert ref == {"name": "forge-webhook", "key": "webhook-secret"}
+    secret = one(docs, "Secret", "forge-webhook")
+    value = base64.b64decode(secret["data"]["webhook-secret"]).decode()
+    assert value.startswith("whsec_") and len(base64.b64decode(value[6:])) == 32
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_replication_two_on_the_two_broker_strimzi_cluster(rendered: dict) -> None:
+    for scenario, replication in (("production", "2"), ("minimal", "1"), ("external", "2")):
+        spec = one(rendered[scenario], "Deployment", "forge-worker")["spec"]["template"]["spec"]
+        assert env_of(spec["containers"][0])["FORGE_TOPIC_REPLICATION"] == replication, scenario
+
+
+def test_webhook_secret_from_an_existing_secret() -> None:
+    docs = render(
+        "production.yaml",
+        sets=("forge.webhooks.existingSecret=forge-callbacks", "forge.webhooks.secretKey=whsec"),
+    )
+    assert not find(docs, "Secret", "forge-webhook")
+    for name in ("forge-gateway", "forge-worker"):
+        container = one(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        assert env_of(container)["FORGE_WEBHOOK_SECRET"] == {
+            "secretKeyRef": {"name": "forge-callbacks", "key": "whsec"}
+        }
+
+
+def test_chart_managed_settings_cannot_drift() -> None:
+    result = helm_template("production.yaml", sets=("forge.extraEnv.FORGE_CONSUMER_GROUP=other",))
+    assert result.returncode != 0 and "FORGE_CONSUMER_GROUP" in result.stderr
+    # A topic prefix that kafka.topics and the KEDA triggers do not use is refused.
+    result = helm_template("production.yaml", sets=("kafka.topicPrefix=studio.jobs.",))
+    assert result.returncode != 0 and "studio.jobs.priority" in result.stderr
+    docs = render("production.yaml", sets=("workers.metricsPort=9400",))
+    worker = one(docs, "Deployment", "forge-worker")["spec"]["template"]["spec"]["containers"][0]
+    assert worker["ports"][0]["containerPort"] == 9400
+    assert env_of(worker)["FORGE_WORKER_METRICS_PORT"] == "9400"
 
 
 def test_api_keys_come_from_a_secret_file(rendered: dict) -> None:
@@ -645,6 +816,17 @@ def test_dockerfiles_follow_the_contract() -> None:
     for package in ("torch", "diffusers", "transformers", "onnxruntime-gpu", "tensorrt"):
         assert package in triton
     assert "COPY model_repository/" in triton
+    # `python -m export config` (the model-config init container) needs tritonclient's
+    # model_config protobuf; Triton loads the config that command writes.
+    assert '"tritonclient[grpc]==' in triton
+    assert '"--model-config-name=exported"' in triton
     gateway = (ROOT / "helm" / "images" / "gateway.Dockerfile").read_text()
     assert "FROM python:3.11-slim" in gateway
     assert "USER 10001" in gateway and "pip install ." in gateway
+    # torch is a core dependency: the CPU build is installed first to keep CUDA out.
+    assert "download.pytorch.org/whl/cpu" in gateway
+    pinned = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pinned and f"torch=={pinned[1]}" in gateway
+    # The wheel carries only .py files: the page and the default templates are copied in.
+    assert "cp -r gateway/static gateway/weapon_templates.yaml" in gateway
+    assert "import gateway.__main__, gateway.app, gateway.worker" in gateway

@@ -19,7 +19,11 @@ COPY pyproject.toml README.md ./
 COPY export ./export
 COPY gateway ./gateway
 COPY launcher ./launcher
-RUN /opt/venv/bin/pip install .
+# pyproject.toml declares no package data, so the wheel holds only .py files: the web page
+# (gateway/static/) and the default weapon templates are copied beside the installed package.
+RUN /opt/venv/bin/pip install . \
+ && site=$(/opt/venv/bin/python -I -c 'import gateway, os; print(os.path.dirname(gateway.__file__))') \
+ && cp -r gateway/static gateway/weapon_templates.yaml "$site/"
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
@@ -31,6 +35,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN groupadd --system --gid 10001 forge \
  && useradd --system --uid 10001 --gid forge --no-create-home --shell /usr/sbin/nologin forge
 COPY --from=build /opt/venv /opt/venv
+# Fail the build if the API or the worker is missing a dependency or a data file.
+RUN python -I -c "import gateway.__main__, gateway.app, gateway.worker, gateway.web; \
+from gateway.settings import Settings; assert Settings().weapon_templates.is_file(); \
+assert gateway.web.STATIC_DIR.joinpath('index.html').is_file()"
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8080 9300

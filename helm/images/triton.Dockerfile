@@ -15,17 +15,21 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # stay at the versions tritonclient 2.51 is built against (numpy<2, protobuf<5).
 # torch 2.5.1 is PyPI's default (CUDA 12.4 runtime) wheel, which runs on the image's CUDA 12.6
 # driver stack; it is pinned so rebuilds are reproducible. tensorrt 10.5 is the TensorRT
-# release that Triton 24.10 itself ships.
+# release that Triton 24.10 itself ships. tritonclient (its model_config protobuf) is what
+# `python -m export config` writes configs/exported.pbtxt with.
 RUN pip install \
       "numpy>=1.26,<2" "protobuf>=4.25,<5" \
+      "tritonclient[grpc]==2.51.0" \
       torch==2.5.1 \
       "diffusers>=0.35" "transformers>=4.45" safetensors accelerate \
       "onnx>=1.17" onnxscript "onnxruntime-gpu>=1.20" \
       "tensorrt==10.5.*" \
       pillow pyyaml
 
-# The model code and config (copied onto the model volume by the chart's init container) and
-# the export package (python -m export onnx | tensorrt).
+# The model code and the committed config.pbtxt (copied onto the model volume by the chart's
+# init container) and the export package (python -m export onnx | config | tensorrt; the
+# chart's model-config init container writes configs/exported.pbtxt, which Triton loads with
+# --model-config-name=exported).
 COPY model_repository/ /opt/forge/model_repository/
 COPY export/ /opt/forge/export/
 ENV PYTHONPATH=/opt/forge \
@@ -40,5 +44,6 @@ USER 10001:10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD curl -fsS http://127.0.0.1:8000/v2/health/live || exit 1
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
-     "--load-model=stable_diffusion", "--allow-metrics=true", "--allow-gpu-metrics=true", \
-     "--metrics-port=8002"]
+     "--model-config-name=exported", "--load-model=stable_diffusion", \
+     "--allow-metrics=true", "--allow-gpu-metrics=true", "--allow-cpu-metrics=true", \
+     "--metrics-config=summary_latencies=true", "--metrics-port=8002"]

@@ -6,8 +6,9 @@
 Rules (see the head of values.yaml): the comment lines right above a key are its
 description, and every key must have one; "@schema {json}" merges JSON-schema keywords;
 "@free" makes an object or list a pass-through (type only, content unchecked). Types come
-from the defaults; maps that are not @free get additionalProperties: false, so a typo in a
-values file fails `helm lint` / `helm template`.
+from the defaults (a null default needs an @schema "type", e.g. ["integer", "null"]); maps
+that are not @free get additionalProperties: false, so a typo in a values file fails
+`helm lint` / `helm template`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def comments_by_path(text: str) -> dict[tuple[str, ...], list[str]]:
 
 
 def type_of(value: Any) -> str:
+    if value is None:  # an optional setting: its @schema names the type ("type": [..., "null"])
+        return "null"
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, int):

@@ -101,6 +101,53 @@ Kafka bootstrap servers.
 {{- end }}
 
 {{/*
+Replication factor of the Kafka topics: min(2, brokers) on the chart's Strimzi cluster (the
+KafkaTopics and the gateway's own topic creation agree), kafka.external.topicReplication on
+an external cluster.
+*/}}
+{{- define "forge.topicReplication" -}}
+{{- if eq .Values.kafka.mode "strimzi" }}
+{{- min 2 (int .Values.kafka.strimzi.brokers) }}
+{{- else }}
+{{- int .Values.kafka.external.topicReplication }}
+{{- end }}
+{{- end }}
+
+{{/*
+Partitions the gateway gives a topic it creates (FORGE_TOPIC_PARTITIONS): the most of any
+topic in kafka.topics. Also checks that kafka.topics and the KEDA lag thresholds name the
+topics the application uses (kafka.topicPrefix + priority, standard, bulk, retry, results,
+dead-letter), so the names cannot drift apart.
+*/}}
+{{- define "forge.topicPartitions" -}}
+{{- $prefix := .Values.kafka.topicPrefix }}
+{{- $names := list }}
+{{- $most := 1 }}
+{{- range .Values.kafka.topics }}
+{{- $names = append $names .name }}
+{{- $most = max $most (int .partitions) }}
+{{- end }}
+{{- range list "priority" "standard" "bulk" "retry" "results" "dead-letter" }}
+{{- if not (has (printf "%s%s" $prefix .) $names) }}
+{{- fail (printf "kafka.topics has no topic %s%s: the gateway and workers use kafka.topicPrefix (%s) + priority, standard, bulk, retry, results, dead-letter" $prefix . $prefix) }}
+{{- end }}
+{{- end }}
+{{- range $topic, $_ := .Values.workers.autoscaling.lagThreshold }}
+{{- if not (has $topic (list (printf "%spriority" $prefix) (printf "%sstandard" $prefix) (printf "%sbulk" $prefix))) }}
+{{- fail (printf "workers.autoscaling.lagThreshold names %s, which is not a job topic (kafka.topicPrefix %s + priority, standard or bulk)" $topic $prefix) }}
+{{- end }}
+{{- end }}
+{{- $most }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the webhook signing secret (FORGE_WEBHOOK_SECRET).
+*/}}
+{{- define "forge.webhookSecret" -}}
+{{- default (printf "%s-webhook" (include "forge.fullname" .)) .Values.forge.webhooks.existingSecret }}
+{{- end }}
+
+{{/*
 Triton gRPC address.
 */}}
 {{- define "forge.tritonGrpcUrl" -}}
@@ -164,6 +211,32 @@ The FORGE_* environment of the gateway and the workers.
 {{- end }}
 - name: FORGE_KAFKA_BOOTSTRAP
   value: {{ include "forge.kafkaBootstrap" . | quote }}
+# Kafka settings from the chart's own values (topics, KEDA triggers, PodMonitor), so the
+# application and the chart cannot disagree.
+- name: FORGE_TOPIC_PREFIX
+  value: {{ .Values.kafka.topicPrefix | quote }}
+- name: FORGE_TOPIC_PARTITIONS
+  value: {{ include "forge.topicPartitions" . | quote }}
+- name: FORGE_TOPIC_REPLICATION
+  value: {{ include "forge.topicReplication" . | quote }}
+- name: FORGE_KAFKA_IDEMPOTENCE
+  value: {{ .Values.kafka.idempotence | quote }}
+- name: FORGE_CONSUMER_GROUP
+  value: {{ .Values.workers.consumerGroup | quote }}
+- name: FORGE_WORKER_METRICS_PORT
+  value: {{ .Values.workers.metricsPort | quote }}
+- name: FORGE_WORKER_CONCURRENCY
+  value: {{ .Values.workers.concurrency | quote }}
+- name: FORGE_MAX_POLL_INTERVAL_MS
+  value: {{ int .Values.workers.maxPollIntervalMs | quote }}
+- name: FORGE_SESSION_TIMEOUT_MS
+  value: {{ int .Values.workers.sessionTimeoutMs | quote }}
+# Signs job callbacks (Standard Webhooks, whsec_...).
+- name: FORGE_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "forge.webhookSecret" . }}
+      key: {{ .Values.forge.webhooks.secretKey }}
 {{- if eq .Values.forge.assets.mode "s3" }}
 - name: FORGE_ASSET_S3_BUCKET
   value: {{ required "forge.assets.s3.bucket is required when forge.assets.mode is s3" .Values.forge.assets.s3.bucket | quote }}
@@ -183,7 +256,11 @@ The FORGE_* environment of the gateway and the workers.
 - name: FORGE_WEAPON_TEMPLATES
   value: /etc/forge/weapon-templates/weapon-templates.yaml
 {{- end }}
+{{- $managed := list "FORGE_HOST" "FORGE_PORT" "FORGE_TRITON_GRPC_URL" "FORGE_REDIS_URL" "FORGE_KAFKA_BOOTSTRAP" "FORGE_TOPIC_PREFIX" "FORGE_TOPIC_PARTITIONS" "FORGE_TOPIC_REPLICATION" "FORGE_KAFKA_IDEMPOTENCE" "FORGE_CONSUMER_GROUP" "FORGE_WORKER_METRICS_PORT" "FORGE_WORKER_CONCURRENCY" "FORGE_MAX_POLL_INTERVAL_MS" "FORGE_SESSION_TIMEOUT_MS" "FORGE_WEBHOOK_SECRET" "FORGE_ASSET_S3_BUCKET" "FORGE_ASSET_S3_PREFIX" "FORGE_ASSET_DIR" "FORGE_PUBLIC_BASE_URL" "FORGE_API_KEYS_FILE" "FORGE_WEAPON_TEMPLATES" }}
 {{- range $name, $value := .Values.forge.extraEnv }}
+{{- if has $name $managed }}
+{{- fail (printf "forge.extraEnv.%s: the chart sets %s from its own values (see values.yaml); set that value instead" $name $name) }}
+{{- end }}
 - name: {{ $name }}
   value: {{ $value | quote }}
 {{- end }}
@@ -284,7 +361,7 @@ away). Call with (dict "root" $ "images" (list .Values.images.gateway) "secretEn
 {{- $skips = append $skips "CKV_K8S_15=Tags are immutable, so IfNotPresent pulls the same image; it spares a registry round trip for the multi-GB Triton image and lets pods restart during a registry outage" }}
 {{- end }}
 {{- if .secretEnv }}
-{{- $skips = append $skips "CKV_K8S_35=FORGE_REDIS_URL comes from a Secret (external Redis AUTH token) as an env var because the gateway reads its settings from FORGE_* variables; the API keys are mounted as a file" }}
+{{- $skips = append $skips "CKV_K8S_35=FORGE_WEBHOOK_SECRET (and FORGE_REDIS_URL with an external Redis AUTH token) come from Secrets as env vars because the gateway and workers read their settings only from FORGE_* variables; the API keys are mounted as a file" }}
 {{- end }}
 {{- range $i, $skip := $skips }}
 checkov.io/skip{{ add1 $i }}: {{ $skip | quote }}

@@ -16,7 +16,7 @@ help:
 	@echo "make up      start Triton on the tiny CPU model and write a first weapon image"
 	@echo "make down    stop what make up started"
 	@echo "make test    run every test (starts its own services on free ports)"
-	@echo "make bench   CPU benchmark: perf_analyzer through Triton vs. the pipeline in-process"
+	@echo "make bench   CPU benchmarks: Triton vs. in-process, gateway and jobs vs. Triton"
 	@echo "make lint    ruff and mypy"
 
 var/.system-deps:
@@ -49,13 +49,15 @@ model: $(WEIGHTS)
 
 up: $(WEIGHTS)
 	$(PY) -m launcher up
-	$(PY) -m gateway.cli generate --prompt "a frost-forged legendary axe, game item icon" \
-	  --seed 42 --steps 25 --out $(SAMPLE)
+	$(PY) -m gateway.cli weapon --weapon-type axe --material iron --element frost \
+	  --rarity legendary --seed 42 --out $(SAMPLE)
 	@echo
 	@echo "First weapon image: $(SAMPLE) (tiny model with random weights: structured noise)"
-	@echo "Call the model yourself:"
-	@echo "  $(PY) -m gateway.cli generate --prompt 'a runic war hammer' --seed 7 --out hammer.png"
-	@echo "  curl -s localhost:8000/v2/models/stable_diffusion/infer -d '{\"inputs\":[{\"name\":\"prompt\",\"shape\":[1,1],\"datatype\":\"BYTES\",\"data\":[\"a runic war hammer\"]}]}' | head -c 300"
+	@echo "The forge page: http://127.0.0.1:8080/  (API docs: http://127.0.0.1:8080/docs)"
+	@echo "Call the API (dev key in var/run/dev-api-key):"
+	@echo "  curl -s localhost:8080/v1/weapons -H \"Authorization: Bearer \$$(cat var/run/dev-api-key)\" \\"
+	@echo "    -H 'content-type: application/json' -d '{\"weapon_type\":\"axe\",\"material\":\"iron\",\"element\":\"frost\",\"seed\":7}'"
+	@echo "Or Triton directly: $(PY) -m gateway.cli generate --prompt 'a runic war hammer' --out hammer.png"
 	@echo "Stop everything with: make down"
 
 down:
@@ -66,6 +68,7 @@ test: $(VENV)/.installed
 
 bench: $(WEIGHTS)
 	$(PY) perf/bench_triton.py
+	$(PY) perf/bench_gateway.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -1,4 +1,5 @@
-"""Command line: `python -m gateway.cli generate --prompt ... --out weapon.png`."""
+"""Command line: `python -m gateway.cli generate ...` calls Triton directly;
+`python -m gateway.cli weapon ...` forges a weapon through the gateway."""
 
 from __future__ import annotations
 
@@ -30,6 +31,40 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weapon(args: argparse.Namespace) -> int:
+    """A weapon through the gateway (the public API), saved as the image it returns."""
+    import httpx
+
+    key = args.key or args.key_file.read_text().strip()
+    body = {
+        k: v
+        for k, v in {
+            "weapon_type": args.weapon_type,
+            "material": args.material,
+            "element": args.element,
+            "rarity": args.rarity,
+            "style": args.style,
+            "text": args.text,
+            "seed": args.seed,
+            "steps": args.steps,
+        }.items()
+        if v is not None
+    }
+    reply = httpx.post(
+        f"{args.url}/v1/weapons",
+        json=body,
+        timeout=300,
+        headers={"Authorization": f"Bearer {key}", "Accept": "image/png"},
+    )
+    if reply.status_code != 200:
+        print(f"error: {reply.status_code} {reply.text}", file=sys.stderr)
+        return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(reply.content)
+    print(f"{args.out} seed={reply.headers['X-Seed']} asset={reply.headers['Content-Location']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.cli")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--url", help="host:port (default: the local Triton's port for the protocol)")
     gen.add_argument("--out", type=Path, default=Path("weapon.png"))
     gen.set_defaults(func=_generate)
+
+    weapon = sub.add_parser("weapon", help="forge a weapon through the gateway, write the PNG")
+    weapon.add_argument("--weapon-type", required=True)
+    weapon.add_argument("--material", required=True)
+    weapon.add_argument("--element")
+    weapon.add_argument("--rarity")
+    weapon.add_argument("--style")
+    weapon.add_argument("--text")
+    weapon.add_argument("--seed", type=int)
+    weapon.add_argument("--steps", type=int)
+    weapon.add_argument("--url", default="http://127.0.0.1:8080")
+    weapon.add_argument("--key", help="API key (default: read --key-file)")
+    weapon.add_argument("--key-file", type=Path, default=Path("var/run/dev-api-key"))
+    weapon.add_argument("--out", type=Path, default=Path("weapon.png"))
+    weapon.set_defaults(func=_weapon)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -36,7 +37,8 @@ class Services:
 
 
 def services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    services: Services = request.app.state.services
+    return services
 
 
 ServicesDep = Annotated[Services, Depends(services)]
@@ -59,7 +61,7 @@ async def api_key(
     return key
 
 
-def scoped(scope: str):  # type: ignore[no-untyped-def]
+def scoped(scope: str) -> Callable[..., Awaitable[ApiKey]]:
     async def check(key: Annotated[ApiKey, Depends(api_key)]) -> ApiKey:
         if scope not in key.scopes:
             raise Problem(403, "Forbidden", f"this API key lacks the {scope!r} scope")

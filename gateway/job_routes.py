@@ -2,11 +2,11 @@
 
 import secrets
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, create_model
+from pydantic import Field, create_model
 
 from gateway import metrics
 from gateway.deps import GenerateKey, ServicesDep
@@ -16,7 +16,7 @@ from gateway.keys import ApiKey
 from gateway.problems import Problem
 from gateway.ratelimit import cost
 from gateway.routes import problems
-from gateway.schemas import SEED_MAX, ImageJobRequest, JobOptions, JobStatus
+from gateway.schemas import SEED_MAX, ImageJobRequest, ImageOptions, JobOptions, JobStatus
 from gateway.topics import TIERS, Topics
 
 SUBMIT_ERRORS = problems(400, 401, 403, 413, 422, 429, 503)
@@ -87,26 +87,33 @@ async def create_job(svc: ServicesDep, key: GenerateKey, body: ImageJobRequest) 
     return await submit(svc, key, jobs, body)
 
 
-def add_weapon_job_route(app_router: APIRouter, weapon_model: type[BaseModel]) -> None:
-    model: Any = create_model(
+class WeaponJobRequest(JobOptions):
+    weapons: list[ImageOptions] = Field(min_length=1)
+
+
+def add_weapon_job_route(app_router: APIRouter, weapon_model: type[ImageOptions]) -> None:
+    model = create_model(
         "WeaponJobRequest",
-        __base__=JobOptions,
+        __base__=WeaponJobRequest,
         weapons=(list[weapon_model], Field(min_length=1)),  # type: ignore[valid-type]
     )
 
-    @app_router.post(
+    async def create_weapon_job(
+        svc: ServicesDep, key: GenerateKey, body: WeaponJobRequest
+    ) -> Response:
+        """Queue weapons (e.g. variations: the same weapon with neighbouring seeds)."""
+        jobs = [Job(*svc.weapons.render(w), w) for w in body.weapons]
+        return await submit(svc, key, jobs, body)
+
+    # FastAPI reads the body's model from the annotation: the one built from the templates.
+    create_weapon_job.__annotations__["body"] = Annotated[model, Body()]
+    app_router.post(
         "/v1/weapons/jobs",
         status_code=202,
         response_model=JobStatus,
         tags=["jobs"],
         responses=SUBMIT_ERRORS,
-    )
-    async def create_weapon_job(
-        svc: ServicesDep, key: GenerateKey, body: Annotated[model, Body()]
-    ) -> Response:
-        """Queue weapons (e.g. variations: the same weapon with neighbouring seeds)."""
-        jobs = [Job(*svc.weapons.render(w), w) for w in body.weapons]
-        return await submit(svc, key, jobs, body)
+    )(create_weapon_job)
 
 
 @router.get(

@@ -40,6 +40,10 @@ class JobMessage(BaseModel):
         return f"{self.job_id}:{self.index}".encode()
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def new_job_id() -> str:
     return f"job_{uuid.uuid4().hex}"
 
@@ -59,7 +63,9 @@ class JobStore:
             "callback_url": callback_url,
             "created_at": now,
         }
-        fields = {"meta": json.dumps(meta)}
+        fields: dict[str | bytes | bytearray | memoryview | int | float, str] = {
+            "meta": json.dumps(meta)
+        }
         fields |= {
             f"item:{i}": json.dumps({"status": "queued", "updated_at": now}) for i in range(count)
         }
@@ -109,7 +115,7 @@ class JobStore:
         raw = await self.redis.hgetall(PREFIX + job_id)
         if not raw:
             return None
-        fields = {k.decode(): json.loads(v) for k, v in raw.items() if k != b"callback"}
+        fields = {_text(k): json.loads(v) for k, v in raw.items() if _text(k) != "callback"}
         meta = fields.pop("meta")
         items = [
             JobItem(

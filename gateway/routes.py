@@ -17,6 +17,7 @@ from gateway.problems import PROBLEM_JSON, Problem
 from gateway.ratelimit import Charge, cost
 from gateway.schemas import (
     CreatedKey,
+    ImageOptions,
     ImageRequest,
     ImageResult,
     KeyInfo,
@@ -164,26 +165,29 @@ async def create_image(
     return await run_sync(request, svc, key, job, body.model_dump(mode="json"), idempotency_key)
 
 
-def add_weapon_route(app_router: APIRouter, weapon_model: type) -> None:
+def add_weapon_route(app_router: APIRouter, weapon_model: type[ImageOptions]) -> None:
     """POST /v1/weapons, whose body enumerates the choices of the studio's template file."""
 
-    @app_router.post(
-        "/v1/weapons",
-        response_model=ImageResult,
-        tags=["generate"],
-        responses={200: IMAGE_CONTENT, **GENERATION_ERRORS},
-    )
     async def create_weapon(
         request: Request,
         svc: ServicesDep,
         key: GenerateKey,
-        body: Annotated[weapon_model, Body()],  # type: ignore[valid-type]
+        body: ImageOptions,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
         """A weapon from game terms; the server's templates write the prompt."""
         prompt, negative = svc.weapons.render(body)
         job = Job(prompt, negative, body)
         return await run_sync(request, svc, key, job, body.model_dump(mode="json"), idempotency_key)
+
+    # FastAPI reads the body's model from the annotation: the one built from the templates.
+    create_weapon.__annotations__["body"] = Annotated[weapon_model, Body()]
+    app_router.post(
+        "/v1/weapons",
+        response_model=ImageResult,
+        tags=["generate"],
+        responses={200: IMAGE_CONTENT, **GENERATION_ERRORS},
+    )(create_weapon)
 
 
 @router.get(

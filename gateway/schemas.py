@@ -80,9 +80,7 @@ class ProblemDetails(BaseModel):
 
 class KeyRequest(Strict):
     name: str = Field(min_length=1, max_length=100)
-    scopes: list[Literal["generate", "admin"]] = Field(
-        default_factory=lambda: ["generate"], min_length=1
-    )
+    scopes: list[Literal["generate", "admin"]] = Field(default=["generate"], min_length=1)
     tier: Literal["priority", "standard", "bulk"] = "standard"
 
 

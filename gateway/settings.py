@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     max_poll_interval_ms: int = 900_000
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
+    fetch_max_wait_ms: int = 50  # how long an idle poll waits: the floor of queueing latency
     max_attempts: int = 5
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 30.0

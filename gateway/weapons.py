@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, create_model
+from pydantic import Field, create_model
 
 from gateway.schemas import ImageOptions
 
@@ -40,7 +40,7 @@ class WeaponTemplates:
                 raise ValueError(f"{path}: default {name}={value!r} is not one of its choices")
         return templates
 
-    def request_model(self) -> type[BaseModel]:
+    def request_model(self) -> type[ImageOptions]:
         """The /v1/weapons body, with the template's choices as enums in the OpenAPI document."""
         fields: dict[str, Any] = {}
         for name in (*REQUIRED, *OPTIONAL):
@@ -53,7 +53,7 @@ class WeaponTemplates:
         )
         return create_model("WeaponRequest", __base__=ImageOptions, **fields)
 
-    def render(self, weapon: BaseModel) -> tuple[str, str]:
+    def render(self, weapon: ImageOptions) -> tuple[str, str]:
         """(prompt, negative prompt) for a validated weapon request."""
         phrases = {
             name: self.fields[name][getattr(weapon, name)] for name in (*REQUIRED, *OPTIONAL)

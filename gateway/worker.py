@@ -41,7 +41,7 @@ from gateway.webhooks import deliver
 log = logging.getLogger("gateway.worker")
 
 
-class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class Rebalance(ConsumerRebalanceListener):
     """Offsets are committed after every batch, so a revoke loses no finished work."""
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -79,6 +79,7 @@ class Worker:
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
             rebalance_timeout_ms=settings.session_timeout_ms,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
         self.stopping = asyncio.Event()
         self.callbacks: set[asyncio.Task[None]] = set()

@@ -8,19 +8,17 @@ import secrets
 import sys
 from typing import Any
 
-from launcher.gateway import GatewayServer
+from launcher.gateway import GatewayServer, WorkerServer
+from launcher.kafka import KafkaBroker
 from launcher.process import ServiceError, stop_pid
 from launcher.redis import RedisServer
 from launcher.settings import LauncherSettings
 from launcher.triton import Triton
 
 
-def up(settings: LauncherSettings) -> int:
-    if settings.run_file.exists():
-        print(f"already up ({settings.run_file}); run `make down` first", file=sys.stderr)
-        return 1
+def local_stack(settings: LauncherSettings, dev_key: str) -> list[tuple[str, Any]]:
+    """Every service of `make up`, in start order."""
     host, state = settings.host, settings.state_dir
-    dev_key = settings.dev_api_key or f"fk_dev_{secrets.token_urlsafe(24)}"
     triton = Triton(
         settings.model_repository,
         state / "triton",
@@ -29,29 +27,42 @@ def up(settings: LauncherSettings) -> int:
         grpc_port=settings.triton_grpc_port,
         metrics_port=settings.triton_metrics_port,
     )
-    redis = RedisServer(state / "redis", port=settings.redis_port, host=host)
-    gateway = GatewayServer(
-        state / "gateway",
-        port=settings.gateway_port,
-        host=host,
-        env={
-            "FORGE_TRITON_GRPC_URL": triton.grpc_url,
-            "FORGE_REDIS_URL": redis.url,
-            "FORGE_ASSET_DIR": str((state / "assets").resolve()),
-            "FORGE_DEV_API_KEY": dev_key,
-        },
-    )
+    redis = RedisServer(state / "redis", port=settings.redis_port, host=host, persistent=True)
+    broker = KafkaBroker(state / "broker", port=settings.kafka_port, host=host)
+    env = {
+        "FORGE_TRITON_GRPC_URL": triton.grpc_url,
+        "FORGE_REDIS_URL": redis.url,
+        "FORGE_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "FORGE_ASSET_DIR": str((state / "assets").resolve()),
+        "FORGE_DEV_API_KEY": dev_key,
+    }
+    gateway = GatewayServer(state / "gateway", env, port=settings.gateway_port, host=host)
+    worker = WorkerServer(state / "worker", env, port=settings.worker_metrics_port, host=host)
+    return [
+        ("triton", triton),
+        ("redis", redis),
+        ("broker", broker),
+        ("gateway", gateway),
+        ("worker", worker),
+    ]
+
+
+def up(settings: LauncherSettings) -> int:
+    if settings.run_file.exists():
+        print(f"already up ({settings.run_file}); run `make down` first", file=sys.stderr)
+        return 1
+    dev_key = settings.dev_api_key or f"fk_dev_{secrets.token_urlsafe(24)}"
     started: dict[str, Any] = {}
     try:
-        for name, server in (("triton", triton), ("redis", redis), ("gateway", gateway)):
+        for name, server in local_stack(settings, dev_key):
             server.start(detached=True)
             started[name] = {
                 "pid": server.service.pid,
                 **server.describe(),
                 "log": str(server.service.log_file),
             }
-            if server is triton:
-                triton.load()
+            if isinstance(server, Triton):
+                server.load()
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         for service in reversed(started.values()):
@@ -59,7 +70,7 @@ def up(settings: LauncherSettings) -> int:
         return 1
     settings.run_file.parent.mkdir(parents=True, exist_ok=True)
     settings.run_file.write_text(json.dumps(started, indent=2))
-    (state / "run" / "dev-api-key").write_text(dev_key + "\n")
+    (settings.state_dir / "run" / "dev-api-key").write_text(dev_key + "\n")
     for name, service in started.items():
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in service.items() if k != "pid"))
     print(f"dev API key: {dev_key}")

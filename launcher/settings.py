@@ -15,7 +15,9 @@ class LauncherSettings(BaseSettings):
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
     redis_port: int = 6379
+    kafka_port: int = 9092
     gateway_port: int = 8080
+    worker_metrics_port: int = 9300
     dev_api_key: str | None = None
     model_repository: Path = Path("model_repository")
     state_dir: Path = Path("var")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from launcher.gateway import GatewayServer
+from launcher.kafka import KafkaBroker
 from launcher.redis import RedisServer
 from launcher.triton import Triton
 from tests.conftest import gateway_env
@@ -19,7 +20,10 @@ FUZZ_KEY = "fk_test_schemathesis"
 
 @pytest.fixture(scope="module")
 def fuzzed_gateway(
-    triton: Triton, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    triton: Triton,
+    redis_server: RedisServer,
+    broker: KafkaBroker,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayServer]:
     workdir: Path = tmp_path_factory.mktemp("fuzzed-gateway")
     # A small budget: large generated requests are refused by the real rate limiter (429)
@@ -30,6 +34,8 @@ def fuzzed_gateway(
         workdir / "assets",
         FORGE_DEV_API_KEY=FUZZ_KEY,
         FORGE_RATE_LIMIT="40/minute",
+        FORGE_KAFKA_BOOTSTRAP=broker.bootstrap,
+        FORGE_TOPIC_PREFIX="fuzz.",  # jobs queue here; no worker reads them
     )
     server = GatewayServer(workdir, env).start()
     try:

@@ -1,5 +1,5 @@
-"""Command line: `python -m gateway.cli generate ...` calls Triton directly;
-`python -m gateway.cli weapon ...` forges a weapon through the gateway."""
+"""Command line: `generate` calls Triton directly; `weapon` forges a weapon through the
+gateway; `keys create|revoke|list` manages API keys."""
 
 from __future__ import annotations
 
@@ -65,6 +65,38 @@ def _weapon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """API keys straight in Redis (FORGE_REDIS_URL): for operators, before any admin key exists."""
+    import asyncio
+    import json
+
+    from redis.asyncio import Redis
+
+    from gateway.keys import KeyStore
+    from gateway.settings import Settings
+
+    async def run() -> int:
+        redis = Redis.from_url(Settings().redis_url)
+        store = KeyStore(redis)
+        try:
+            if args.action == "create":
+                secret, record = await store.create(args.name, tuple(args.scopes), args.tier)
+                print(json.dumps({**record.public(), "key": secret}))
+            elif args.action == "revoke":
+                if not await store.revoke(args.id):
+                    print(f"error: no API key {args.id}", file=sys.stderr)
+                    return 1
+                print(f"revoked {args.id}")
+            else:
+                for key in await store.list():
+                    print(json.dumps(key.public()))
+            return 0
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.cli")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     weapon.add_argument("--key-file", type=Path, default=Path("var/run/dev-api-key"))
     weapon.add_argument("--out", type=Path, default=Path("weapon.png"))
     weapon.set_defaults(func=_weapon)
+
+    keys = sub.add_parser("keys", help="create, revoke or list API keys (in FORGE_REDIS_URL)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="print a new key once, with its record")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scopes", nargs="+", choices=["generate", "admin"], default=["generate"])
+    create.add_argument("--tier", choices=["priority", "standard", "bulk"], default="standard")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("id")
+    actions.add_parser("list", help="every key's id, name, scopes, tier and state")
+    keys.set_defaults(func=_keys)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

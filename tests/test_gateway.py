@@ -299,3 +299,33 @@ def test_concurrent_identical_requests_store_one_asset(gateway: GatewayServer) -
 
     with ThreadPoolExecutor(4) as pool:
         assert len(set(pool.map(post, range(4)))) == 1
+
+
+def test_key_command_creates_and_revokes_keys(gateway: GatewayServer, redis_server) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FORGE_REDIS_URL": redis_server.url}
+
+    def cli(*args: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "keys", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return run.stdout
+
+    created = json.loads(
+        cli("create", "--name", "studio-a", "--scopes", "generate", "--tier", "bulk")
+    )
+    assert created["key"].startswith("fk_") and created["tier"] == "bulk"
+    body = {"prompt": "a cli sword", **SMALL}
+    with client(gateway, key=created["key"]) as c:
+        assert c.post("/v1/images", json=body).status_code == 200
+        assert created["id"] in cli("list")
+        assert cli("revoke", created["id"]).strip() == f"revoked {created['id']}"
+        assert_problem(c.post("/v1/images", json=body), 401, "revoked")

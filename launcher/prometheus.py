@@ -62,7 +62,9 @@ def prometheus_config(
             "scrape_timeout": scrape_interval if _seconds(scrape_interval) < 10 else "10s",
             "evaluation_interval": evaluation_interval,
         },
-        "rule_files": [str(p.resolve()) for p in (RULE_FILES if rule_files is None else rule_files)],
+        "rule_files": [
+            str(p.resolve()) for p in (RULE_FILES if rule_files is None else rule_files)
+        ],
         "scrape_configs": [
             {"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": hosts}]}
             for job, hosts in targets.items()

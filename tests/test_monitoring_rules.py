@@ -137,9 +137,10 @@ def test_amtool_checks_the_alertmanager_config(tmp_path: Path) -> None:
     local = tmp_path / "alertmanager.yml"
     local.write_text(alertmanager_config("http://127.0.0.1:9/hook"))
     run(AMTOOL, "check-config", str(local))
-    assert yaml.safe_load(local.read_text())["route"] == yaml.safe_load(ALERTMANAGER.read_text())[
-        "route"
-    ]
+    assert (
+        yaml.safe_load(local.read_text())["route"]
+        == yaml.safe_load(ALERTMANAGER.read_text())["route"]
+    )
 
 
 @needs_amtool

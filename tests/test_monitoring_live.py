@@ -1,0 +1,337 @@
+"""The monitoring files against the live stack: a real Prometheus (1 s scrape and evaluation,
+the chart's rule files unchanged) scraping the real Triton, gateway and workers; a real
+Alertmanager (the chart's alertmanager.yml, webhooks pointed at a receiver in the test).
+
+- Every recording rule evaluates without error and returns data, and so does every query of
+  every dashboard panel, after traffic that exercises each path (sync, cache hit, invalid
+  input, rate limit, readiness, jobs that succeed, retry and dead-letter).
+- Triton stopped: TritonDown (the production rule, `for: 1m`) fires in Prometheus and
+  Alertmanager delivers it to the webhook through the `pager` (critical) route.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from launcher.gateway import WorkerServer
+from launcher.process import free_port
+from launcher.prometheus import RULE_FILES, AlertmanagerServer, PrometheusServer
+from launcher.triton import Triton
+from tests.conftest import DEV_KEY, JobsStack
+
+MONITORING = Path(__file__).resolve().parents[1] / "helm" / "forge" / "files" / "monitoring"
+SMALL = {"steps": 2, "width": 64, "height": 64}
+
+# Series this machine cannot produce, and why. A query may come back empty only if it reads
+# one of these; the test also checks that they really are absent (on a GPU machine they are
+# present, and then every query that reads them must return data too).
+EXPECTED_ABSENT = {
+    "nv_gpu_utilization": "GPU metrics need NVML and a GPU; Triton here runs on the CPU",
+    "nv_gpu_memory_used_bytes": "GPU metrics need NVML and a GPU; Triton here runs on the CPU",
+    "nv_gpu_memory_total_bytes": "GPU metrics need NVML and a GPU; Triton here runs on the CPU",
+}
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def recording_rules() -> dict[str, str]:
+    """record name -> expr (names recorded by several rules joined with `or`)."""
+    found: dict[str, list[str]] = {}
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if "record" in rule:
+                    found.setdefault(rule["record"], []).append(f"({rule['expr']})")
+    return {name: " or ".join(exprs) for name, exprs in found.items()}
+
+
+def expand(expr: str, recorded: dict[str, str]) -> str:
+    """The expression with recorded names replaced by what they record (to see raw metrics)."""
+    for _ in range(6):
+        expr = re.sub(
+            r"[a-zA-Z_]*:[a-zA-Z0-9_:]+", lambda m: recorded.get(m.group(0), m.group(0)), expr
+        )
+    return expr
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    found = []
+    for path in sorted((MONITORING / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            for target in panel.get("targets", []):
+                found.append(
+                    (f"{board['uid']} / {panel['title']} / {target['refId']}", target["expr"])
+                )
+    return found
+
+
+def has_data(result: list[dict[str, Any]]) -> bool:
+    """At least one sample that is a number (a NaN draws nothing in Grafana)."""
+    return any(sample["value"][1] != "NaN" for sample in result)
+
+
+def allowed_empty(expr: str, recorded: dict[str, str]) -> str | None:
+    raw = expand(expr, recorded)
+    for name, reason in EXPECTED_ABSENT.items():
+        if re.search(rf"\b{name}\b", raw):
+            return reason
+    return None
+
+
+# --- traffic ------------------------------------------------------------------------------
+
+
+def drive_traffic(
+    stack: JobsStack, worker_ok: WorkerServer, broken: WorkerServer, prometheus: PrometheusServer
+) -> None:
+    assert stack.gateway is not None
+    auth = {"Authorization": f"Bearer {DEV_KEY}"}
+    with httpx.Client(base_url=stack.gateway.url, headers=auth, timeout=60) as c:
+        # Jobs first, on the worker whose Triton does not answer: retried, then dead-lettered.
+        broken.start()
+        retry_job = c.post("/v1/jobs", json={"images": [{"prompt": "a patient mace", **SMALL}]})
+        assert retry_job.status_code == 202, retry_job.text
+        wait_for(
+            "retries in two scrapes (a rate) seen by Prometheus",
+            lambda: prometheus.query(
+                'count_over_time(forge_job_retries_total{job="worker"}[1m]) > 1'
+            ),
+            90,
+        )
+        broken.kill()  # its retry item goes to the good worker
+        worker_ok.start()
+        bulk = c.post(
+            "/v1/admin/keys", json={"name": "mon-bulk", "scopes": ["generate"], "tier": "bulk"}
+        )
+        assert bulk.status_code == 201, bulk.text
+        # Two rounds a few scrapes apart: a counter series is born at its first event, so a
+        # rate needs a second round to rise in.
+        for round_ in range(2):
+            one_round(c, bulk.json()["key"], round_)
+            time.sleep(3)
+        wait_for(
+            f"job {retry_job.json()['id']} done",
+            lambda: (
+                c.get(f"/v1/jobs/{retry_job.json()['id']}").json()["status"]
+                in {"succeeded", "failed"}
+            ),
+            120,
+        )
+
+
+def one_round(c: httpx.Client, bulk_key: str, round_: int) -> None:
+    # Sync requests, some concurrent (batching); a repeated seed (cache hit); a size the
+    # model refuses (Triton INVALID_ARG); readiness checks; a bulk key over its tier (429).
+    threads = [
+        threading.Thread(
+            target=c.post,
+            args=("/v1/images",),
+            kwargs={"json": {"prompt": f"blade {round_} {i}", **SMALL}},
+        )
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for _ in range(2):
+        reply = c.post("/v1/images", json={"prompt": "a cached bow", "seed": 11, **SMALL})
+        assert reply.status_code == 200, reply.text
+    assert c.post("/v1/images", json={"prompt": "odd", "width": 72, "steps": 2}).status_code == 422
+    for _ in range(3):
+        c.get("/readyz")
+    limited = c.post(
+        "/v1/images",
+        json={"prompt": "a huge hammer", "steps": 150, "width": 1024, "height": 1024},
+        headers={"Authorization": f"Bearer {bulk_key}"},
+    )
+    assert limited.status_code == 429, limited.text
+    # Jobs on the good worker: one that succeeds, one the model refuses (dead letter).
+    ids = [
+        c.post("/v1/jobs", json={"images": [body]}).json()["id"]
+        for body in (
+            {"prompt": f"a queued axe {round_}", **SMALL},
+            {"prompt": f"an odd-sized axe {round_}", "width": 72, "steps": 2},
+        )
+    ]
+    for job_id in ids:
+        wait_for(
+            f"job {job_id} done",
+            lambda j=job_id: c.get(f"/v1/jobs/{j}").json()["status"] in {"succeeded", "failed"},
+            120,
+        )
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def monitored(
+    jobs_stack: JobsStack, tmp_path: Path
+) -> Iterator[tuple[PrometheusServer, JobsStack]]:
+    gateway = jobs_stack.start_gateway(FORGE_RATE_LIMIT_BY_TIER='{"bulk": "10/minute"}')
+    broken = WorkerServer(
+        jobs_stack.workdir,
+        jobs_stack.env(
+            FORGE_TRITON_GRPC_URL=f"127.0.0.1:{free_port()}",  # nobody listens
+            FORGE_RETRY_BACKOFF_S="0.2",
+            FORGE_MAX_ATTEMPTS="50",
+        ),
+    )
+    worker_ok = WorkerServer(jobs_stack.workdir, jobs_stack.env())
+    jobs_stack.workers += [broken, worker_ok]  # stopped by the fixture
+    prometheus = PrometheusServer(
+        tmp_path / "prometheus",
+        {
+            "triton": [f"{jobs_stack.triton.host}:{jobs_stack.triton.metrics_port}"],
+            "gateway": [f"{gateway.host}:{gateway.port}"],
+            "worker": [f"{broken.host}:{broken.port}", f"{worker_ok.host}:{worker_ok.port}"],
+        },
+        scrape_interval="1s",
+        evaluation_interval="1s",
+    ).start()
+    try:
+        drive_traffic(jobs_stack, worker_ok, broken, prometheus)
+        yield prometheus, jobs_stack
+    finally:
+        prometheus.stop()
+
+
+def test_every_recording_rule_and_dashboard_query_returns_data(
+    monitored: tuple[PrometheusServer, JobsStack],
+) -> None:
+    prometheus, _ = monitored
+    recorded = recording_rules()
+    for name, reason in EXPECTED_ABSENT.items():
+        assert prometheus.query(name) == [], f"{name} is present: drop it from EXPECTED_ABSENT"
+        assert reason
+
+    # Rules evaluate every second; wait until each recorded series exists (or is allowed not to).
+    def missing() -> list[str]:
+        return [
+            name
+            for name, expr in recorded.items()
+            if not has_data(prometheus.query(name)) and not allowed_empty(expr, recorded)
+        ]
+
+    try:
+        wait_for("every recording rule to return data", lambda: not missing(), 60, every=1)
+    except AssertionError:
+        pytest.fail(f"recording rules without data: {missing()}")
+    groups = prometheus.api("rules")["groups"]
+    assert {g["file"] for g in groups} == {str(p) for p in RULE_FILES}
+    for group in groups:
+        for rule in group["rules"]:
+            assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+
+    dead = []
+    for where, expr in dashboard_queries():
+        result = prometheus.query(expr)  # a PromQL error raises here, naming the query
+        if not has_data(result) and not allowed_empty(expr, recorded):
+            dead.append(f"{where}: {expr}")
+    assert dead == [], "dashboard panels without data:\n" + "\n".join(dead)
+
+    # What the data says: the traffic above is visible in the objectives.
+    def value(expr: str) -> float:
+        (sample,) = prometheus.query(expr)
+        return float(sample["value"][1])
+
+    assert value("forge:triton_up") == 1 and value("forge:triton_model_ready") == 1
+    assert 0 < value("forge:generation_seconds:p95_rate5m") < 30
+    assert value("forge:images_per_hour:rate5m") > 0
+    assert 0 < value("forge:cache_hits:ratio_rate5m") < 1
+    assert 0 <= value("forge:generation_errors:ratio_rate5m") < 1
+    assert value("sum(reason:forge_dead_letters:increase1h)") >= 1
+    assert value('sum(rate(forge_rate_limited_total{tier="bulk"}[5m]))') > 0
+
+
+class Hook(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []  # noqa: RUF012 - shared with the test thread
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        Hook.received.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_triton_stopped_fires_triton_down_through_alertmanager_to_the_webhook(
+    repository: Path, tmp_path: Path
+) -> None:
+    Hook.received = []
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    own = Triton(repository, tmp_path / "triton").start()  # no model: only its process matters
+    alertmanager = AlertmanagerServer(
+        tmp_path / "alertmanager", webhook_url=f"http://127.0.0.1:{receiver.server_port}/hook"
+    ).start()
+    prometheus = PrometheusServer(
+        tmp_path / "prometheus",
+        {"triton": [f"{own.host}:{own.metrics_port}"]},
+        scrape_interval="1s",
+        evaluation_interval="1s",
+        alertmanagers=[alertmanager.address],
+    ).start()
+    try:
+        wait_for("Triton scraped", lambda: prometheus.query("forge:triton_up == 1"), 30)
+        assert not [
+            a
+            for a in prometheus.api("alerts")["alerts"]
+            if a["labels"]["alertname"] == "TritonDown"
+        ]
+        own.stop()
+        stopped = time.monotonic()
+
+        def delivered() -> list[dict[str, Any]]:
+            return [
+                alert
+                for message in Hook.received
+                for alert in message["alerts"]
+                if message["receiver"] == "pager"
+                and alert["labels"]["alertname"] == "TritonDown"
+                and alert["status"] == "firing"
+            ]
+
+        (alert, *_) = wait_for("TritonDown at the webhook", delivered, 150, every=1)
+        took = time.monotonic() - stopped
+        # for: 1m, then the critical route's 10 s group wait (plus scrape/evaluation ticks).
+        assert 60 <= took <= 150, took
+        assert alert["labels"]["severity"] == "critical"
+        assert "forge:triton_up = 0" in alert["annotations"]["description"]
+        assert alert["annotations"]["runbook_url"].endswith("docs/runbook.md#tritondown")
+        firing = [
+            a
+            for a in prometheus.api("alerts")["alerts"]
+            if a["labels"]["alertname"] == "TritonDown"
+        ]
+        assert firing and firing[0]["state"] == "firing"
+        assert any(a["labels"]["alertname"] == "TritonDown" for a in alertmanager.alerts())
+    finally:
+        prometheus.stop()
+        alertmanager.stop()
+        own.stop()
+        receiver.shutdown()

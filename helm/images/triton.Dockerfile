@@ -16,15 +16,16 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch 2.5.1 is PyPI's default (CUDA 12.4 runtime) wheel, which runs on the image's CUDA 12.6
 # driver stack; it is pinned so rebuilds are reproducible. tensorrt 10.5 is the TensorRT
 # release that Triton 24.10 itself ships. tritonclient (its model_config protobuf) is what
-# `python -m export config` writes configs/exported.pbtxt with.
+# `python -m export config` writes configs/exported.pbtxt with. Every package has a version
+# range (hadolint DL3013): lower bounds from pyproject.toml, upper bounds at the next major.
 RUN pip install \
       "numpy>=1.26,<2" "protobuf>=4.25,<5" \
       "tritonclient[grpc]==2.51.0" \
       torch==2.5.1 \
-      "diffusers>=0.35" "transformers>=4.45" safetensors accelerate \
-      "onnx>=1.17" onnxscript "onnxruntime-gpu>=1.20" \
+      "diffusers>=0.35,<1" "transformers>=4.45,<6" "safetensors>=0.4,<1" "accelerate>=1.0,<2" \
+      "onnx>=1.17,<2" "onnxscript>=0.1,<1" "onnxruntime-gpu>=1.20,<2" \
       "tensorrt==10.5.*" \
-      pillow pyyaml
+      "pillow>=10,<14" "pyyaml>=6,<7"
 
 # The model code and the committed config.pbtxt (copied onto the model volume by the chart's
 # init container) and the export package (python -m export onnx | config | tensorrt; the
@@ -42,7 +43,8 @@ WORKDIR /opt/forge
 # are volumes. Local runs: docker run --gpus all --shm-size 2g -v $PWD/model_repository:/models
 USER 10001:10001
 EXPOSE 8000 8001 8002
-HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD curl -fsS http://127.0.0.1:8000/v2/health/live || exit 1
+# Exec form through sh: curl exits 22 on an HTTP error, Docker wants 1 for unhealthy.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD ["/bin/sh", "-c", "curl -fsS http://127.0.0.1:8000/v2/health/live || exit 1"]
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
      "--model-config-name=exported", "--load-model=stable_diffusion", \
      "--allow-metrics=true", "--allow-gpu-metrics=true", "--allow-cpu-metrics=true", \

@@ -1,4 +1,4 @@
-"""Command line: `python -m export {tiny,onnx} ...`."""
+"""Command line: `python -m export {tiny,onnx,config,tensorrt} ...`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         help="largest allowed |ONNX Runtime - torch| per component",
     )
     onnx.add_argument("--opset", type=int, default=None)
+    onnx.add_argument(
+        "--torch-only",
+        action="store_true",
+        help="publish the diffusers copy for the torch runtime without ONNX files",
+    )
 
     config = sub.add_parser(
         "config", help="write configs/exported.pbtxt: config.pbtxt + overrides + model identity"
@@ -44,6 +49,30 @@ def main(argv: list[str] | None = None) -> int:
     config.add_argument("--max-queue-delay-us", type=int)
     config.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE")
 
+    trt = sub.add_parser(
+        "tensorrt",
+        help="build fp16 TensorRT engines for this GPU into the published weights' engines/",
+    )
+    trt.add_argument("--repository", type=Path, default=Path("model_repository"))
+    trt.add_argument("--model-name", default="stable_diffusion")
+    trt.add_argument(
+        "--max-batch-size", type=int, help="largest batch (default: the model config's)"
+    )
+    trt.add_argument("--opt-batch", type=int, help="batch TensorRT tunes for (default 4)")
+    sizes = trt.add_mutually_exclusive_group()
+    sizes.add_argument(
+        "--sizes", help="one profile per WIDTHxHEIGHT, e.g. 512x512,768x768 (fastest engines)"
+    )
+    sizes.add_argument("--min-size", type=int, help="one dynamic profile from this size")
+    trt.add_argument("--max-size", type=int, help="... to this size (default: the config's)")
+    trt.add_argument("--timing-cache", type=Path, help="default var/tensorrt/timing.<key>.cache")
+    trt.add_argument("--workspace-gib", type=float, default=4.0)
+    trt.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the engine manifest (profiles) that would be built; needs no TensorRT",
+    )
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -51,6 +80,24 @@ def main(argv: list[str] | None = None) -> int:
             from export.tiny import write_tiny
 
             print(write_tiny(args.out, seed=args.seed))
+        elif args.command == "tensorrt":
+            from export.tensorrt_build import build_engines, parse_sizes
+
+            if args.sizes and args.max_size is not None:
+                raise ExportError("--max-size goes with --min-size, not with --sizes")
+            engine_manifest = build_engines(
+                args.repository,
+                model_name=args.model_name,
+                max_batch_size=args.max_batch_size,
+                sizes=parse_sizes(args.sizes) if args.sizes else None,
+                min_size=args.min_size,
+                max_size=args.max_size,
+                opt_batch=args.opt_batch,
+                timing_cache=args.timing_cache,
+                workspace_gib=args.workspace_gib,
+                dry_run=args.dry_run,
+            )
+            print(json.dumps(engine_manifest, indent=2))
         elif args.command == "config":
             from export.triton_config import ConfigOverrides, write_exported_config
 
@@ -71,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.repository,
                 tolerance=args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE,
                 opset=args.opset or DEFAULT_OPSET,
+                torch_only=args.torch_only,
             )
             print(json.dumps({"model": manifest["model"], "parity": manifest["parity"]}, indent=2))
     except ExportError as exc:

@@ -2,7 +2,9 @@
 
 The repository gets `stable_diffusion/1/weights`, a symlink to `weights-<version>/`, which
 holds the ONNX files (weights as external data, so a 3 GB UNet exports like a tiny one), the
-tokenizer, the scheduler config and `manifest.json`, the contract with the serving side.
+tokenizer, the scheduler config, `diffusers/` (the pipeline itself as safetensors, for the
+`torch` runtime) and `manifest.json`, the contract with the serving side. `torch_only` skips
+the ONNX files (for a GPU that serves with torch and has no time to trace a 3 GB UNet).
 Everything is written into a staging folder first; the symlink is swapped with one rename, so
 an interrupted export leaves the previous weights in place.
 """
@@ -49,6 +51,7 @@ MODEL_NAME = "stable_diffusion"
 MODEL_VERSION_DIR = "1"
 WEIGHTS_LINK = "weights"
 MANIFEST = "manifest.json"
+DIFFUSERS_DIR = "diffusers"
 MANIFEST_FORMAT = 1
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-3
@@ -202,6 +205,7 @@ def export_onnx(
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     opset: int = DEFAULT_OPSET,
+    torch_only: bool = False,
 ) -> dict[str, Any]:
     """Export `model` into `repository` and return the manifest written beside the files."""
     folder, name = resolve_model(model)
@@ -216,7 +220,7 @@ def export_onnx(
     try:
         parity: dict[str, dict[str, float]] = {}
         cases = geometry.parity_cases()
-        for spec in COMPONENTS:
+        for spec in () if torch_only else COMPONENTS:
             log.info("exporting %s", spec.name)
             onnx_file = export_component(spec, modules[spec.name], cases[0], staging, opset)
             diff = max_abs_difference(spec, modules[spec.name], onnx_file, cases)
@@ -234,11 +238,13 @@ def export_onnx(
                 )
         pipe.tokenizer.save_pretrained(staging / "tokenizer")
         pipe.scheduler.save_config(staging / "scheduler")
+        # The pipeline itself, for the torch runtime (fp32 safetensors; it casts on load).
+        pipe.save_pretrained(staging / DIFFUSERS_DIR, safe_serialization=True)
         version = content_version(staging)
         manifest = {
             "format": MANIFEST_FORMAT,
             "model": {"name": name, "version": version, "source": model},
-            "runtime": "onnx",
+            "runtime": "torch" if torch_only else "onnx",
             "geometry": {
                 "sequence": geometry.sequence,
                 "hidden": geometry.hidden,
@@ -250,6 +256,7 @@ def export_onnx(
             },
             "tokenizer": "tokenizer",
             "scheduler_config": "scheduler/scheduler_config.json",
+            "diffusers": DIFFUSERS_DIR,
             "components": {spec.name: spec.as_manifest() for spec in COMPONENTS},
             "parity": parity,
             "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": opset},

@@ -62,6 +62,8 @@ class TritonPythonModel:
             runtime=params.get("runtime", "onnxruntime"),
             threads=int(params.get("intra_op_threads", "1")),
             limits=_limits(params),
+            # TensorRT engines must hold the batches the dynamic batcher forms.
+            max_batch_size=max(1, int(config.get("max_batch_size", 1))),
         )
         advertised = (params.get("model_name"), params.get("model_version"))
         if advertised != (self.core.model_name, self.core.model_version):

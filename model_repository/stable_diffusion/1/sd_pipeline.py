@@ -3,6 +3,12 @@
 Runs without Triton. Rows that share scheduler, steps and size are denoised together, one
 UNet call per step for the whole group; every row keeps its own scheduler state and random
 generator, so a row's image never depends on its batch mates.
+
+Components take and return torch tensors on their device (`sd_runtimes`): on a GPU runtime
+the embeddings, latents, scheduler steps and the decoded image stay in GPU memory from the
+text encoder to the final uint8 image; only token ids go in and the uint8 image comes out.
+Initial noise is drawn on the CPU from each row's CPU generator (as diffusers does with a
+CPU generator), so the same seed gives the same starting latents on every device.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sd_engines import uncovered
 from sd_requests import GenerationRequest, InvalidRequest, Limits, Row, make_row
 from sd_runtimes import Component, load_components
 from transformers import CLIPTokenizer
@@ -38,6 +45,7 @@ class StableDiffusionCore:
         runtime: str = "onnxruntime",
         threads: int = 1,
         limits: dict[str, Any] | None = None,
+        max_batch_size: int = 1,
     ) -> None:
         manifest = json.loads((weights / "manifest.json").read_text())
         if manifest.get("format") != MANIFEST_FORMAT:
@@ -55,7 +63,11 @@ class StableDiffusionCore:
         )
         self.tokenizer = CLIPTokenizer.from_pretrained(weights / manifest["tokenizer"])
         self.scheduler_config = json.loads((weights / manifest["scheduler_config"]).read_text())
-        self.components: dict[str, Component] = load_components(weights, manifest, runtime, threads)
+        self.runtime = runtime
+        self.components: dict[str, Component] = load_components(
+            weights, manifest, runtime, threads, max_batch_size=max_batch_size
+        )
+        self.device = self.components["unet"].device
 
     @property
     def model_name(self) -> str:
@@ -70,7 +82,21 @@ class StableDiffusionCore:
         if self.limits.prompt_overflow == "reject":
             for name in ("prompt", "negative_prompt"):
                 self._check_tokens(name, getattr(request, name))
+        self._check_engine_profiles(request)
         return row
+
+    def _check_engine_profiles(self, request: GenerationRequest) -> None:
+        """TensorRT engines serve only the sizes their profiles hold: say so up front."""
+        for component in self.components.values():
+            entry = getattr(component, "engine_entry", None)
+            if entry is None:
+                continue
+            problem = uncovered(entry, self.manifest, 1, [(request.height, request.width)])
+            if problem is not None:
+                raise InvalidRequest(
+                    f"width {request.width} x height {request.height} is not served by the "
+                    f"TensorRT engines here: {problem}"
+                )
 
     def _check_tokens(self, name: str, text: str) -> None:
         """Reject rather than silently drop words the text encoder cannot read."""
@@ -94,7 +120,7 @@ class StableDiffusionCore:
                 images[i] = image
         return images
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
+    def _encode(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
             texts,
             padding="max_length",
@@ -102,7 +128,7 @@ class StableDiffusionCore:
             truncation=True,
             return_tensors="np",
         ).input_ids
-        return self.components["text_encoder"](ids.astype(np.int64))
+        return self.components["text_encoder"](torch.from_numpy(ids.astype(np.int64)))
 
     def _generate_group(self, rows: list[Row]) -> list[np.ndarray | None]:
         first = rows[0].request
@@ -122,8 +148,10 @@ class StableDiffusionCore:
             for j, r in enumerate(r for r in rows if r.request.guided)
         }
         latents = {
-            id(r): torch.randn(latent_shape, generator=r.generator, dtype=torch.float32)
-            * r.scheduler.init_noise_sigma
+            id(r): (
+                torch.randn(latent_shape, generator=r.generator, dtype=torch.float32)
+                * r.scheduler.init_noise_sigma
+            ).to(self.device)
             for r in rows
         }
         live = list(rows)
@@ -134,9 +162,11 @@ class StableDiffusionCore:
             guided = [r for r in live if r.request.guided]
             scaled = {id(r): r.scheduler.scale_model_input(latents[id(r)], t) for r in live}
             sample = torch.cat([scaled[id(r)] for r in guided] + [scaled[id(r)] for r in live])
-            context = np.stack([uncond[id(r)] for r in guided] + [cond[id(r)] for r in live])
-            timestep = np.full((sample.shape[0],), float(t), dtype=np.float32)
-            noise = torch.from_numpy(self.components["unet"](sample.numpy(), timestep, context))
+            context = torch.stack([uncond[id(r)] for r in guided] + [cond[id(r)] for r in live])
+            timestep = torch.full(
+                (sample.shape[0],), float(t), dtype=torch.float32, device=self.device
+            )
+            noise = self.components["unet"](sample, timestep, context)
             uncond_noise, cond_noise = noise[: len(guided)], noise[len(guided) :]
             g = 0
             for i, r in enumerate(live):
@@ -152,8 +182,9 @@ class StableDiffusionCore:
         if not live:
             return [None] * len(rows)
         decoded = self.components["vae_decoder"](
-            torch.cat([latents[id(r)] for r in live]).numpy() / self.geometry.vae_scaling_factor
+            torch.cat([latents[id(r)] for r in live]) / self.geometry.vae_scaling_factor
         )
-        images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-        by_row = {id(r): (images[i] * 255).round().astype(np.uint8) for i, r in enumerate(live)}
+        pixels = ((decoded / 2 + 0.5).clamp(0.0, 1.0) * 255).round().to(torch.uint8)
+        images = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # one copy to host
+        by_row = {id(r): images[i] for i, r in enumerate(live)}
         return [by_row.get(id(r)) for r in rows]

@@ -1,0 +1,179 @@
+"""The runtimes behind the one pipeline core: torch (run here on the CPU), the ONNX Runtime
+CPU path it must agree with, and the helpers the GPU runtimes share.
+
+`onnxruntime_cuda` and `tensorrt` are not run here: this machine has no GPU, and neither
+onnxruntime-gpu nor TensorRT is installed (on the lent GPU machine either). Their tests
+below skip with that reason wherever those are missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sd_pipeline import StableDiffusionCore
+from sd_requests import SCHEDULERS, GenerationRequest
+from sd_runtimes import output_shape
+
+PROMPT = "a frost-forged legendary axe"
+
+
+def request(**overrides) -> GenerationRequest:  # type: ignore[no-untyped-def]
+    fields = dict(
+        prompt=PROMPT,
+        seed=42,
+        steps=6,
+        guidance_scale=7.5,
+        width=128,
+        height=144,
+        scheduler="euler_ancestral",
+        negative_prompt="blurry",
+    )
+    return GenerationRequest(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def torch_core(weights: Path) -> StableDiffusionCore:
+    return StableDiffusionCore(weights, runtime="torch")
+
+
+@pytest.fixture(scope="module")
+def onnx_core(weights: Path) -> StableDiffusionCore:
+    return StableDiffusionCore(weights)
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipe(tiny_model: Path):  # type: ignore[no-untyped-def]
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_export_publishes_the_diffusers_copy_for_the_torch_runtime(weights: Path) -> None:
+    manifest = json.loads((weights / "manifest.json").read_text())
+    assert manifest["diffusers"] == "diffusers" and manifest["runtime"] == "onnx"
+    copy = weights / manifest["diffusers"]
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((copy / part).glob("*.safetensors")), part
+    assert not list(copy.rglob("*.bin"))  # safetensors only
+    # The fields the serving side read before are all still there.
+    assert {"format", "model", "geometry", "tokenizer", "scheduler_config", "components"} <= set(
+        manifest
+    )
+
+
+def test_torch_runtime_on_the_cpu_is_fp32(torch_core: StableDiffusionCore) -> None:
+    assert torch_core.device == torch.device("cpu")
+    for component in torch_core.components.values():
+        assert component.dtype == torch.float32  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("scheduler", ["euler_ancestral", "dpmpp_2m", "ddim"])
+def test_torch_runtime_matches_the_diffusers_pipeline(
+    torch_core: StableDiffusionCore, diffusers_pipe, scheduler: str
+) -> None:
+    req = request(scheduler=scheduler)
+    (ours,) = torch_core.generate([torch_core.row(req)])
+    diffusers_pipe.scheduler = SCHEDULERS[scheduler](diffusers_pipe.scheduler.config)
+    reference = diffusers_pipe(
+        req.prompt,
+        negative_prompt=req.negative_prompt,
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        width=req.width,
+        height=req.height,
+        generator=torch.Generator().manual_seed(req.seed),
+        output_type="np",
+    ).images[0]
+    reference = (reference * 255).round().astype(np.uint8)
+    assert ours is not None and ours.shape == reference.shape == (144, 128, 3)
+    diff = np.abs(ours.astype(int) - reference.astype(int))
+    print(f"torch runtime, {scheduler}: max diff {diff.max()} levels")
+    # The same stated tolerance as the ONNX Runtime path: at most one 8-bit level.
+    assert diff.max() <= 1
+    assert ours.std() > 10
+
+
+def test_torch_and_onnxruntime_agree_and_batch_mates_do_not_matter(
+    torch_core: StableDiffusionCore, onnx_core: StableDiffusionCore
+) -> None:
+    mates = [request(prompt="a rusty sword", seed=7, guidance_scale=1.0), request()]
+    by_torch = torch_core.generate([torch_core.row(r) for r in mates])
+    alone = torch_core.generate([torch_core.row(request())])[0]
+    by_onnx = onnx_core.generate([onnx_core.row(r) for r in mates])
+    assert alone is not None and by_torch[1] is not None
+    # Not bit-identical: torch's CPU kernels block matrix products by batch size, so a row in a
+    # batch of 2 differs from itself alone by at most one 8-bit level on ~0.01% of pixels
+    # (measured). ONNX Runtime's CPU path is bit-identical (tests/test_pipeline.py).
+    assert np.abs(by_torch[1].astype(int) - alone.astype(int)).max() <= 1
+    for a, b in zip(by_torch, by_onnx, strict=True):
+        assert a is not None and b is not None
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_onnx_runtimes_refuse_a_torch_only_export(weights: Path) -> None:
+    from sd_runtimes import load_components
+
+    manifest = json.loads((weights / "manifest.json").read_text())
+    with pytest.raises(RuntimeError, match="--torch-only"):
+        load_components(weights, {**manifest, "runtime": "torch"}, "onnxruntime", 1)
+    with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
+        load_components(weights, manifest, "tvm", 1)
+
+
+def test_output_shapes_for_io_binding_follow_the_manifest(weights: Path) -> None:
+    manifest = json.loads((weights / "manifest.json").read_text())
+    geo, comps = manifest["geometry"], manifest["components"]
+    ids = torch.zeros((3, 77), dtype=torch.int64)
+    assert output_shape(comps["text_encoder"], geo, (ids,)) == (3, 77, geo["hidden"])
+    sample = torch.zeros((4, 4, 18, 16))
+    unet_in = (sample, torch.zeros(4), torch.zeros((4, 77, geo["hidden"])))
+    assert output_shape(comps["unet"], geo, unet_in) == (4, 4, 18, 16)
+    assert output_shape(comps["vae_decoder"], geo, (torch.zeros((2, 4, 18, 16)),)) == (
+        2,
+        3,
+        144,
+        128,
+    )
+
+
+def _has_cuda_onnxruntime() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(
+    not _has_cuda_onnxruntime(),
+    reason="onnxruntime_cuda needs onnxruntime-gpu and a CUDA GPU; neither is here",
+)
+def test_onnxruntime_cuda_matches_the_cpu_runtime(
+    weights: Path, onnx_core: StableDiffusionCore
+) -> None:
+    cuda_core = StableDiffusionCore(weights, runtime="onnxruntime_cuda")
+    (gpu,) = cuda_core.generate([cuda_core.row(request())])
+    (cpu,) = onnx_core.generate([onnx_core.row(request())])
+    assert gpu is not None and cpu is not None
+    assert np.abs(gpu.astype(int) - cpu.astype(int)).max() <= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch on CUDA needs a CUDA GPU")
+def test_torch_runtime_on_cuda_is_fp16_and_close_to_the_cpu(
+    weights: Path, onnx_core: StableDiffusionCore
+) -> None:
+    cuda_core = StableDiffusionCore(weights, runtime="torch")
+    assert cuda_core.device.type == "cuda"
+    (gpu,) = cuda_core.generate([cuda_core.row(request())])
+    (cpu,) = onnx_core.generate([onnx_core.row(request())])
+    assert gpu is not None and cpu is not None
+    # fp16 vs fp32 over 6 steps: a loose bound, stated; not a parity claim.
+    assert np.abs(gpu.astype(int) - cpu.astype(int)).mean() < 8

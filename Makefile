@@ -20,7 +20,8 @@ help:
 	@echo "make lint    ruff, mypy, the GitHub workflows (check-jsonschema) and Dockerfiles (hadolint)"
 	@echo "make diagram docs/images/architecture.svg and .png from the chart's values and perf/RESULTS.md"
 
-var/.system-deps:
+# Re-checked whenever the Makefile (and so APT_PACKAGES) changes.
+var/.system-deps: Makefile
 	@if command -v apt-get >/dev/null && ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  echo "installing system packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

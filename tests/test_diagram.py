@@ -82,7 +82,8 @@ def results_rows() -> list[tuple[str, str, str]]:
             header = [c.lower() for c in cells]
         elif not re.fullmatch(r"[\s|:-]+", line):
             row = dict(zip(header, cells, strict=True))
-            rows.append((row["figure"], row["value"], row["kind"]))
+            if {"figure", "value", "kind"} <= row.keys():
+                rows.append((row["figure"], row["value"], row["kind"]))
     return rows
 
 

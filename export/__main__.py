@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     tiny.add_argument("--out", type=Path, required=True, help="folder to write the pipeline to")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.add_argument(
+        "--architecture",
+        choices=["tiny", "sd15"],
+        default="tiny",
+        help="sd15: Stable Diffusion 1.5's shapes (3.4 GB UNet), for GPU work",
+    )
 
     onnx = sub.add_parser("onnx", help="export a pipeline to ONNX into a Triton model repository")
     onnx.add_argument("--model", required=True, help="diffusers folder or model hub id")
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny":
             from export.tiny import write_tiny
 
-            print(write_tiny(args.out, seed=args.seed))
+            print(write_tiny(args.out, seed=args.seed, architecture=args.architecture))
         elif args.command == "tensorrt":
             from export.tensorrt_build import build_engines, parse_sizes
 

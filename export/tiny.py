@@ -12,6 +12,7 @@ import gzip
 import importlib.util
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,65 @@ def write_clip_tokenizer_files(bpe_gz: Path, out: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_tiny_pipeline(seed: int = 0) -> Any:
+@dataclass(frozen=True)
+class Architecture:
+    """Constructor arguments of the three networks; the rest is shared by every size."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+
+
+ARCHITECTURES = {
+    # A few MB: CPUs and CI. Images are multiples of 16 (2 UNet blocks, VAE factor 8).
+    "tiny": Architecture(
+        unet=dict(
+            sample_size=16,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        vae=dict(
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=128,
+        ),
+        text_encoder=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            projection_dim=32,
+        ),
+    ),
+    # Stable Diffusion 1.5's shapes (UNet 3.4 GB in fp32): exports and GPU benchmarks.
+    "sd15": Architecture(
+        unet=dict(
+            sample_size=64,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+        text_encoder=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            projection_dim=768,
+        ),
+    ),
+}
+
+
+def build_pipeline(architecture: str = "tiny", seed: int = 0) -> Any:
+    """A Stable Diffusion pipeline of the named architecture with seeded random weights."""
     from diffusers import (
         AutoencoderKL,
         PNDMScheduler,
@@ -72,50 +131,33 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    arch = ARCHITECTURES[architecture]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **arch.unet)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=32,
-        sample_size=128,
+        **arch.vae,
     )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=5,
             max_position_embeddings=77,
-            projection_dim=32,
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=49407,
+            **arch.text_encoder,
         )
     )
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = write_clip_tokenizer_files(clip_bpe_path(), Path(tmp))
         tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
-    scheduler = PNDMScheduler(
+    scheduler = PNDMScheduler(  # Stable Diffusion 1.x's scheduler config
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -136,7 +178,7 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
     )
 
 
-def write_tiny(out: Path, seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it to `out` (the diffusers folder layout)."""
-    build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
+def write_tiny(out: Path, seed: int = 0, architecture: str = "tiny") -> Path:
+    """Build the pipeline and save it to `out` (the diffusers folder layout)."""
+    build_pipeline(architecture, seed).save_pretrained(out, safe_serialization=True)
     return out

@@ -68,71 +68,6 @@ NEGATIVE = "blurry, low quality"
 T4_PUBLISHED_SECONDS_PER_IMAGE = 2.4  # DESIGN.md, published, not ours
 
 
-def sd15_random_pipeline(seed: int = 0) -> Any:
-    """SD 1.5's architecture with seeded random weights (no model hub on the device)."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from export.tiny import build_tiny_pipeline
-
-    tokenizer = build_tiny_pipeline(seed).tokenizer  # the real CLIP vocabulary
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        cross_attention_dim=768,
-        block_out_channels=(320, 640, 1280, 1280),
-        attention_head_dim=8,
-        layers_per_block=2,
-    )  # the remaining defaults are SD 1.5's
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            max_position_embeddings=77,
-            projection_dim=768,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def percentiles(seconds: list[float]) -> dict[str, float]:
     q = statistics.quantiles(seconds, n=100, method="inclusive")
     return {"p50": statistics.median(seconds), "p95": q[94], "p99": q[98], "n": len(seconds)}
@@ -239,9 +174,11 @@ def diffusers_runs(model: Path, one_at_a_time: int, batch_sizes: list[int]) -> d
 def prepare(workdir: Path, max_batch_size: int) -> tuple[Path, Path]:
     """SD 1.5-sized random model, exported --torch-only into a fresh model repository."""
     from export.onnx_export import export_onnx
+    from export.tiny import write_tiny
     from export.triton_config import ConfigOverrides, write_exported_config
+
     model = workdir / "sd15-random"
-    sd15_random_pipeline().save_pretrained(model, safe_serialization=True)
+    write_tiny(model, architecture="sd15")  # SD 1.5's shapes, seeded random weights
     repo = workdir / "model_repository"
     code = repo / "stable_diffusion" / "1"
     code.mkdir(parents=True)

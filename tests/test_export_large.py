@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from export.tiny import write_tiny
 from tests.conftest import copy_model_repository
 
 pytestmark = pytest.mark.skipif(
@@ -20,52 +21,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def sd15_sized_pipeline(out: Path) -> Path:
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from export.tiny import build_tiny_pipeline
-
-    tiny = build_tiny_pipeline()  # the real CLIP tokenizer and SD's scheduler config
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=512,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            projection_dim=768,
-            max_position_embeddings=77,
-        )
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tiny.tokenizer,
-        unet=unet,
-        scheduler=tiny.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
-
-
 def test_an_sd15_sized_pipeline_exports_with_external_data(tmp_path: Path) -> None:
     from export.onnx_export import export_onnx
 
-    model = sd15_sized_pipeline(tmp_path / "sd15-sized")
+    model = write_tiny(tmp_path / "sd15-sized", architecture="sd15")
     repo = copy_model_repository(tmp_path / "repo")
     manifest = export_onnx(str(model), repo)
     weights = repo / "stable_diffusion" / "1" / "weights"

@@ -1,8 +1,8 @@
 """`make bench` (part 2): what the gateway and the job queue add on top of Triton.
 
 One run, one machine, the tiny model (25 steps, 128x128), all services on free ports:
-  - gateway sync p50 / direct Triton p50, measured interleaved (target <= 1.10), and the
-    milliseconds the gateway adds;
+  - gateway sync p50 / direct Triton p50 (a kept-open gRPC channel, as the gateway keeps
+    one), measured interleaved (target <= 1.10), and the milliseconds the gateway adds;
   - cache-hit p50 (an explicit seed asked for again: no Triton call);
   - async jobs at low load: end-to-end p50 and p95 minus direct Triton p50 (the queueing
     overhead, in ms), polling the job every 10 ms;
@@ -29,7 +29,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.triton_client import ImageParams, generate  # noqa: E402
+import tritonclient.grpc as grpcclient  # noqa: E402
+
+from gateway.triton_client import MODEL_NAME, ImageParams, make_inputs  # noqa: E402
 from launcher.gateway import GatewayServer, WorkerServer  # noqa: E402
 from launcher.kafka import KafkaBroker  # noqa: E402
 from launcher.redis import RedisServer  # noqa: E402
@@ -107,14 +109,17 @@ def main() -> int:
         gateway = GatewayServer(work, env).start()
         started.append(gateway)
         rng = random.Random(7)
-        with httpx.Client(
-            base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {KEY}"}
-        ) as c:
+        with (
+            httpx.Client(
+                base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {KEY}"}
+            ) as c,
+            grpcclient.InferenceServerClient(triton.grpc_url) as direct_client,
+        ):
             direct, sync = [], []
             for i in range(RUNS + 3):  # interleaved; the first 3 of each warm up
                 seed = rng.randrange(2**62)
-                params = [ImageParams(**REQUEST, seed=seed)]
-                d = timed(lambda: generate(triton.grpc_url, params))  # noqa: B023
+                inputs = make_inputs(grpcclient, [ImageParams(**REQUEST, seed=seed)])
+                d = timed(lambda: direct_client.infer(MODEL_NAME, inputs))  # noqa: B023
                 g = timed(lambda: c.post("/v1/images", json={**REQUEST, "seed": seed + 1}))  # noqa: B023
                 if i >= 3:
                     direct.append(d)

@@ -9,7 +9,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.process import Service, free_port
+from launcher.process import Managed, Service, free_port
 
 
 def _answers(url: str) -> bool:
@@ -18,7 +18,7 @@ def _answers(url: str) -> bool:
 
 
 @dataclass
-class PythonService:
+class PythonService(Managed):
     workdir: Path
     env: dict[str, str]
     module: str
@@ -43,15 +43,6 @@ class PythonService:
         self.service.start(detached=detached)
         self.service.wait_until(lambda: _answers(self.url + self.health_path), 60, self.health_path)
         return self
-
-    def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM, then wait (workers finish the batch in flight)."""
-        if self.service is not None:
-            self.service.stop(timeout)
-
-    def kill(self) -> None:
-        if self.service is not None:
-            self.service.kill()
 
     def describe(self) -> dict[str, str]:
         return {"url": self.url}

@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.process import Service, free_port
+from launcher.process import Managed, Service, free_port
 
 
 def _listening(host: str, port: int) -> bool:
@@ -19,7 +19,7 @@ def _listening(host: str, port: int) -> bool:
 
 
 @dataclass
-class KafkaBroker:
+class KafkaBroker(Managed):
     workdir: Path
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
@@ -46,10 +46,6 @@ class KafkaBroker:
         self.service = Service("tansu", argv, self.workdir / "tansu.log").start(detached=detached)
         self.service.wait_until(lambda: _listening(self.host, self.port), 30, "a listener")
         return self
-
-    def stop(self) -> None:
-        if self.service is not None:
-            self.service.stop()
 
     def describe(self) -> dict[str, str]:
         return {"bootstrap": self.bootstrap}

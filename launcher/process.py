@@ -88,6 +88,21 @@ class Service:
             self.process.wait()
 
 
+class Managed:
+    """Stop and kill for the launcher's services, which keep their process in `service`."""
+
+    service: Service | None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM, then wait up to `timeout` (a worker finishes its batch), then SIGKILL."""
+        if self.service is not None:
+            self.service.stop(timeout)
+
+    def kill(self) -> None:
+        if self.service is not None:
+            self.service.kill()
+
+
 def stop_pid(pid: int, timeout: float = 30.0) -> bool:
     """Stop a detached service by pid (for `make down`); False if it was not running."""
     try:

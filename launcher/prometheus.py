@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from launcher.process import Service, ServiceError, free_port
+from launcher.process import Managed, Service, ServiceError, free_port
 
 MONITORING = Path(__file__).resolve().parents[1] / "helm" / "forge" / "files" / "monitoring"
 RULE_FILES = sorted((MONITORING / "rules").glob("*.yml"))
@@ -97,7 +97,7 @@ def alertmanager_config(webhook_url: str | None = None, source: Path = ALERTMANA
 
 
 @dataclass
-class PrometheusServer:
+class PrometheusServer(Managed):
     workdir: Path
     targets: dict[str, list[str]]
     port: int = field(default_factory=free_port)
@@ -159,16 +159,12 @@ class PrometheusServer:
             return [{"metric": {}, "value": data["result"]}]
         return list(data["result"])
 
-    def stop(self) -> None:
-        if self.service is not None:
-            self.service.stop()
-
     def describe(self) -> dict[str, str]:
         return {"url": self.url, "config": str(self.config_file)}
 
 
 @dataclass
-class AlertmanagerServer:
+class AlertmanagerServer(Managed):
     workdir: Path
     webhook_url: str | None = None
     port: int = field(default_factory=free_port)
@@ -203,10 +199,6 @@ class AlertmanagerServer:
 
     def alerts(self) -> list[dict[str, Any]]:
         return list(_get_json(f"{self.url}/api/v2/alerts"))
-
-    def stop(self) -> None:
-        if self.service is not None:
-            self.service.stop()
 
     def describe(self) -> dict[str, str]:
         return {"url": self.url}

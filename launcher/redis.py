@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.process import Service, ServiceError, free_port
+from launcher.process import Managed, Service, ServiceError, free_port
 
 
 def _answers_ping(host: str, port: int) -> bool:
@@ -17,7 +17,7 @@ def _answers_ping(host: str, port: int) -> bool:
 
 
 @dataclass
-class RedisServer:
+class RedisServer(Managed):
     workdir: Path
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
@@ -51,10 +51,6 @@ class RedisServer:
         self.service = Service("redis", argv, self.workdir / "redis.log").start(detached=detached)
         self.service.wait_until(lambda: _answers_ping(self.host, self.port), 20, "PONG")
         return self
-
-    def stop(self) -> None:
-        if self.service is not None:
-            self.service.stop()
 
     def describe(self) -> dict[str, str]:
         return {"url": self.url}

@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
 from export.triton_config import EXPORTED_CONFIG, ConfigOverrides, read_config
-from launcher.process import Service, ServiceError, free_port
+from launcher.process import Managed, Service, ServiceError, free_port
 
 PYTRITON_DIR = Path(pytriton.__file__).parent / "tritonserver"
 
@@ -46,7 +46,7 @@ def backend_directory(root: Path) -> Path:
 
 
 @dataclass
-class Triton:
+class Triton(Managed):
     repository: Path
     workdir: Path
     http_port: int = field(default_factory=free_port)
@@ -128,10 +128,6 @@ class Triton:
 
     def unload(self, model: str = "stable_diffusion") -> None:
         self._client().unload_model(model)
-
-    def stop(self) -> None:
-        if self.service is not None:
-            self.service.stop()
 
     def describe(self) -> dict[str, Any]:
         return {

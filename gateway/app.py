@@ -26,7 +26,7 @@ from gateway.keys import KeyStore
 from gateway.problems import Problem
 from gateway.queue import JobQueue
 from gateway.ratelimit import RateLimiter
-from gateway.routes import add_weapon_route, router
+from gateway.routes import add_weapon_route, check_dependencies, router
 from gateway.settings import Settings
 from gateway.triton_client import AsyncTriton
 from gateway.weapons import WeaponTemplates
@@ -79,6 +79,13 @@ async def bootstrap_keys(keys: KeyStore, settings: Settings) -> None:
             await asyncio.sleep(2)
 
 
+async def watch_dependencies(services: Services) -> None:
+    """Keep forge_dependency_up current between readiness probes (alerts read it)."""
+    while True:
+        await check_dependencies(services)
+        await asyncio.sleep(services.settings.dependency_check_s)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     weapons = WeaponTemplates.load(settings.weapon_templates)
@@ -115,11 +122,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             jobs=JobStore(redis, settings.job_ttl_s),
             queue=JobQueue(settings),
         )
-        bootstrap = asyncio.create_task(bootstrap_keys(keys, settings))
+        background = [
+            asyncio.create_task(bootstrap_keys(keys, settings)),
+            asyncio.create_task(watch_dependencies(app.state.services)),
+        ]
         yield
-        bootstrap.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await bootstrap
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await app.state.services.queue.close()
         await triton.close()
         await redis.aclose()

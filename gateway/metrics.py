@@ -19,6 +19,11 @@ CACHE_REQUESTS = Counter(
     "forge_cache_requests_total", "Result cache lookups (explicit-seed requests)", ["result"]
 )
 RATE_LIMITED = Counter("forge_rate_limited_total", "Requests refused with 429", ["tier"])
+DEPENDENCY_UP = Gauge(
+    "forge_dependency_up",
+    "1 when the gateway's last check of a dependency (triton, redis) succeeded",
+    ["dependency"],
+)
 TRITON_ERRORS = Counter("forge_triton_errors_total", "Failed Triton calls by status", ["status"])
 
 # Kafka workers (served on the worker's metrics port, 9300 by default)

@@ -7,8 +7,9 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Body, Header, Request, Response
 from fastapi.responses import JSONResponse
 
+from gateway import metrics
 from gateway.assets import MEDIA_TYPES, InvalidKey, parse_key
-from gateway.deps import AdminKey, GenerateKey, ServicesDep
+from gateway.deps import AdminKey, GenerateKey, Services, ServicesDep
 from gateway.generation import Job
 from gateway.idempotency import VALID_KEY as VALID_IDEMPOTENCY_KEY
 from gateway.idempotency import fingerprint
@@ -257,15 +258,22 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
-async def readyz(svc: ServicesDep) -> JSONResponse:
-    """Ready when Triton's model is ready and Redis answers."""
+async def check_dependencies(svc: Services) -> dict[str, str]:
+    """ "ok" or the reason, for Triton's model and Redis; also the forge_dependency_up gauge."""
     checks: dict[str, str] = {}
     for name, probe in (("triton", svc.triton.ready()), ("redis", svc.redis.ping())):
         try:
             checks[name] = "ok" if await asyncio.wait_for(probe, 3.0) else "not ready"
         except Exception as exc:  # any failure to answer is "not ready", with its reason
             checks[name] = f"error: {type(exc).__name__}"
+        metrics.DEPENDENCY_UP.labels(name).set(checks[name] == "ok")
+    return checks
+
+
+@router.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
+async def readyz(svc: ServicesDep) -> JSONResponse:
+    """Ready when Triton's model is ready and Redis answers."""
+    checks = await check_dependencies(svc)
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503

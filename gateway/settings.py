@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     # Used for the rate-limit cost when a request leaves the size to the model.
     assumed_size: int = 512
     model_info_ttl_s: float = 10.0
+    dependency_check_s: float = 10.0  # how often forge_dependency_up is refreshed
 
     # Rate limits, in cost units: one unit is one step at 512x512 (steps x pixels / 512^2).
     rate_limit: str = "2000/minute"

@@ -271,6 +271,8 @@ def test_a_client_that_disconnects_cancels_its_triton_request(
 
 
 def test_health_readiness_and_metrics(gateway: GatewayServer) -> None:
+    with client(gateway) as c:  # one generation, so that its histogram has samples
+        assert c.post("/v1/images", json={"prompt": "a metered mace", **SMALL}).status_code == 200
     with client(gateway, key=None) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         ready = c.get("/readyz")
@@ -284,6 +286,8 @@ def test_health_readiness_and_metrics(gateway: GatewayServer) -> None:
         "forge_cache_requests_total",
         "http_requests_total",
         "forge_rate_limited_total",
+        'forge_dependency_up{dependency="redis"} 1.0',
+        'forge_dependency_up{dependency="triton"} 1.0',
     ):
         assert name in metrics
 

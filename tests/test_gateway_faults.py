@@ -63,6 +63,8 @@ def test_redis_down_fails_closed_and_recovers(stack) -> None:  # type: ignore[no
     with httpx.Client(base_url=gateway.url) as c:
         ready = c.get("/readyz")
     assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("error")
+    with httpx.Client(base_url=gateway.url) as c:  # what the RedisUnreachable alert reads
+        assert 'forge_dependency_up{dependency="redis"} 0.0' in c.get("/metrics").text
     redis.start()  # same port and data directory: the keys survive
     eventually(lambda: post(gateway).status_code == 200)
 

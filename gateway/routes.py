@@ -68,6 +68,13 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """If-None-Match names this ETag (a list of them, or `*`): answer 304."""
+    if if_none_match is None:
+        return False
+    return any(tag.strip() in (etag, "*") for tag in if_none_match.split(","))
+
+
 def wants_image(request: Request, fmt: str) -> bool:
     accept = request.headers.get("accept", "")
     if not any(t in accept for t in ("image/png", "image/webp", "image/*")):
@@ -210,7 +217,7 @@ async def get_asset(
         raise Problem(404, "Not Found", str(exc)) from exc
     etag = f'"{key}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+    if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     data = await svc.generator.assets.get(key)
     if data is None:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from gateway.deps import GenerateKey, ServicesDep
 from gateway.problems import Problem
-from gateway.routes import problems
+from gateway.routes import etag_matches, problems
 
 STATIC_DIR = Path(__file__).parent / "static"
 MEDIA_TYPES = {
@@ -48,7 +48,7 @@ class StaticFile:
 
     def response(self, if_none_match: str | None) -> Response:
         headers = {"ETag": self.etag, "Cache-Control": "no-cache", **PAGE_HEADERS}
-        if if_none_match is not None and self.etag in [t.strip() for t in if_none_match.split(",")]:
+        if etag_matches(if_none_match, self.etag):
             return Response(status_code=304, headers=headers)
         return Response(self.data, media_type=self.media_type, headers=headers)
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from launcher.gateway import GatewayServer, WorkerServer
@@ -64,6 +65,37 @@ def triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipe(tiny_model: Path):  # type: ignore[no-untyped-def]
+    """The tiny model in diffusers' own StableDiffusionPipeline: the reference for parity."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_reference(pipe, request) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """diffusers' uint8 image for a GenerationRequest, with the request's scheduler and seed."""
+    import torch
+    from sd_requests import SCHEDULERS
+
+    pipe.scheduler = SCHEDULERS[request.scheduler](pipe.scheduler.config)
+    image = pipe(
+        request.prompt,
+        negative_prompt=request.negative_prompt,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        width=request.width,
+        height=request.height,
+        generator=torch.Generator().manual_seed(request.seed),
+        output_type="np",
+    ).images[0]
+    return (image * 255).round().astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

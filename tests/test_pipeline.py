@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sd_pipeline import StableDiffusionCore
 from sd_requests import SCHEDULERS, GenerationRequest, InvalidRequest
+
+from tests.conftest import diffusers_reference
 
 PROMPT = "a frost-forged legendary axe"
 
@@ -16,17 +17,6 @@ PROMPT = "a frost-forged legendary axe"
 @pytest.fixture(scope="module")
 def core(weights: Path) -> StableDiffusionCore:
     return StableDiffusionCore(weights)
-
-
-@pytest.fixture(scope="module")
-def diffusers_pipe(tiny_model: Path):  # type: ignore[no-untyped-def]
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_model, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def request(**overrides) -> GenerationRequest:  # type: ignore[no-untyped-def]
@@ -48,18 +38,7 @@ def test_each_scheduler_matches_the_diffusers_pipeline(
 ) -> None:
     req = request(scheduler=scheduler, negative_prompt="blurry", height=144)
     (ours,) = core.generate([core.row(req)])
-    diffusers_pipe.scheduler = SCHEDULERS[scheduler](diffusers_pipe.scheduler.config)
-    reference = diffusers_pipe(
-        req.prompt,
-        negative_prompt=req.negative_prompt,
-        num_inference_steps=req.steps,
-        guidance_scale=req.guidance_scale,
-        width=req.width,
-        height=req.height,
-        generator=torch.Generator().manual_seed(req.seed),
-        output_type="np",
-    ).images[0]
-    reference = (reference * 255).round().astype(np.uint8)
+    reference = diffusers_reference(diffusers_pipe, req)
     assert ours is not None and ours.shape == reference.shape == (144, 128, 3)
     diff = np.abs(ours.astype(int) - reference.astype(int))
     print(f"{scheduler}: max diff {diff.max()} levels, {np.mean(diff > 0):.4%} pixels differ")

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 from sd_pipeline import StableDiffusionCore
-from sd_requests import SCHEDULERS, GenerationRequest
+from sd_requests import GenerationRequest
 from sd_runtimes import output_shape
+
+from tests.conftest import diffusers_reference
 
 PROMPT = "a frost-forged legendary axe"
 
@@ -45,17 +47,6 @@ def onnx_core(weights: Path) -> StableDiffusionCore:
     return StableDiffusionCore(weights)
 
 
-@pytest.fixture(scope="module")
-def diffusers_pipe(tiny_model: Path):  # type: ignore[no-untyped-def]
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_model, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_the_export_publishes_the_diffusers_copy_for_the_torch_runtime(weights: Path) -> None:
     manifest = json.loads((weights / "manifest.json").read_text())
     assert manifest["diffusers"] == "diffusers" and manifest["runtime"] == "onnx"
@@ -81,18 +72,7 @@ def test_torch_runtime_matches_the_diffusers_pipeline(
 ) -> None:
     req = request(scheduler=scheduler)
     (ours,) = torch_core.generate([torch_core.row(req)])
-    diffusers_pipe.scheduler = SCHEDULERS[scheduler](diffusers_pipe.scheduler.config)
-    reference = diffusers_pipe(
-        req.prompt,
-        negative_prompt=req.negative_prompt,
-        num_inference_steps=req.steps,
-        guidance_scale=req.guidance_scale,
-        width=req.width,
-        height=req.height,
-        generator=torch.Generator().manual_seed(req.seed),
-        output_type="np",
-    ).images[0]
-    reference = (reference * 255).round().astype(np.uint8)
+    reference = diffusers_reference(diffusers_pipe, req)
     assert ours is not None and ours.shape == reference.shape == (144, 128, 3)
     diff = np.abs(ours.astype(int) - reference.astype(int))
     print(f"torch runtime, {scheduler}: max diff {diff.max()} levels")

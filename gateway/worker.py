@@ -102,7 +102,10 @@ class Worker:
         )
         try:
             while not self.stopping.is_set():
-                await self._prioritize()
+                lags = await self._lags()  # once a poll: for the metric and the priorities
+                for tp, lag in lags.items():
+                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+                self._prioritize(lags)
                 batch = await self.consumer.getmany(
                     timeout_ms=500, max_records=self.settings.worker_concurrency
                 )
@@ -115,7 +118,6 @@ class Worker:
                     await self.consumer.commit(
                         {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
                     )
-                await self._report_lag()
         finally:
             await self._shutdown()
 
@@ -132,19 +134,14 @@ class Worker:
                 lags[tp] = max(0, high - await self.consumer.position(tp))
         return lags
 
-    async def _prioritize(self) -> None:
+    def _prioritize(self, lags: dict[TopicPartition, int]) -> None:
         """Pause every topic below the highest-priority one that has a backlog."""
         assigned = self.consumer.assignment()
-        lags = await self._lags()
         waiting = [self.topics.rank(tp.topic) for tp, lag in lags.items() if lag > 0]
         best = min(waiting, default=len(self.topics.consumed))
         lower = {tp for tp in assigned if self.topics.rank(tp.topic) > best}
         self.consumer.pause(*lower)
         self.consumer.resume(*(assigned - lower))
-
-    async def _report_lag(self) -> None:
-        for tp, lag in (await self._lags()).items():
-            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
 
     async def _shutdown(self) -> None:
         if self.callbacks:

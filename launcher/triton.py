@@ -8,6 +8,7 @@ Models load in explicit mode, which also lets a caller override config.pbtxt fie
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -15,14 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytriton
 from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
 from export.triton_config import EXPORTED_CONFIG, ConfigOverrides, read_config
 from launcher.process import Managed, Service, ServiceError, free_port
 
-PYTRITON_DIR = Path(pytriton.__file__).parent / "tritonserver"
+
+def _pytriton_dir() -> Path:
+    """The tritonserver the nvidia-pytriton wheel carries: located, never imported (its
+    client needs packages the server does not)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise ServiceError("nvidia-pytriton is not installed: it carries the tritonserver binary")
+    return Path(spec.origin).parent / "tritonserver"
+
+
+PYTRITON_DIR = _pytriton_dir()
 
 
 def backend_directory(root: Path) -> Path:
@@ -102,12 +112,13 @@ class Triton(Managed):
         return self
 
     def _client(self) -> Any:
-        import tritonclient.http as httpclient
+        import tritonclient.grpc as grpcclient  # no gevent, unlike the HTTP client
 
-        return httpclient.InferenceServerClient(self.http_url, network_timeout=600)
+        return grpcclient.InferenceServerClient(self.grpc_url)
 
     def _live(self) -> bool:
-        return bool(self._client().is_server_live())
+        with self._client() as client:
+            return bool(client.is_server_live())
 
     def load(
         self, model: str = "stable_diffusion", overrides: ConfigOverrides | None = None
@@ -121,13 +132,19 @@ class Triton(Managed):
             )
         assert self.service is not None
         try:
-            self._client().load_model(model, config=config)
+            with self._client() as client:
+                client.load_model(model, config=config)
         except InferenceServerException as exc:
             raise ServiceError(f"{model} did not load: {exc}\n{self.service.log_tail()}") from exc
-        self.service.wait_until(lambda: self._client().is_model_ready(model), 120, f"{model} ready")
+        self.service.wait_until(lambda: self._model_ready(model), 120, f"{model} ready")
+
+    def _model_ready(self, model: str) -> bool:
+        with self._client() as client:
+            return bool(client.is_model_ready(model))
 
     def unload(self, model: str = "stable_diffusion") -> None:
-        self._client().unload_model(model)
+        with self._client() as client:
+            client.unload_model(model)
 
     def describe(self) -> dict[str, Any]:
         return {

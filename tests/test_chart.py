@@ -286,7 +286,12 @@ def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
     """The model-config init container's command, run on a copy of the committed config and a
     published manifest, writes configs/exported.pbtxt with the values and the model identity."""
     docs = render(
-        "production.yaml", sets=("triton.model.maxBatchSize=4", "triton.model.instances=2")
+        "production.yaml",
+        sets=(
+            "triton.model.maxBatchSize=4",
+            "triton.model.instances=2",
+            "triton.model.parameters.torch_compile=reduce-overhead",
+        ),
     )
     spec = one(docs, "Deployment", "forge-triton")["spec"]["template"]["spec"]
     command = next(c for c in spec["initContainers"] if c["name"] == "model-config")["command"]
@@ -308,6 +313,7 @@ def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
     config = read_config(model / "configs" / "exported.pbtxt")
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["runtime"] == "onnxruntime_cuda"
+    assert params["torch_compile"] == "reduce-overhead"  # triton.model.parameters
     assert (params["model_name"], params["model_version"]) == (
         identity["name"],
         identity["version"],

@@ -157,3 +157,42 @@ def test_torch_runtime_on_cuda_is_fp16_and_close_to_the_cpu(
     assert gpu is not None and cpu is not None
     # fp16 vs fp32 over 6 steps: a loose bound, stated; not a parity claim.
     assert np.abs(gpu.astype(int) - cpu.astype(int)).mean() < 8
+
+
+def test_torch_compile_modes_are_checked(weights: Path) -> None:
+    from sd_runtimes import load_components
+
+    manifest = json.loads((weights / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="unknown torch_compile mode 'fast'"):
+        load_components(weights, manifest, "torch", 1, compile_mode="fast")
+    with pytest.raises(ValueError, match="applies to runtime torch, not onnxruntime"):
+        load_components(weights, manifest, "onnxruntime", 1, compile_mode="default")
+
+
+def compiled_matches_eager(compiled: StableDiffusionCore, eager: StableDiffusionCore) -> None:
+    """Two batch sizes through the one dynamic-shape compilation, each within one 8-bit
+    level of eager torch on the same device."""
+    small = dict(width=64, height=64, steps=3)
+    for batch in ([request(**small)], [request(**small), request(seed=9, **small)]):
+        ours = compiled.generate([compiled.row(r) for r in batch])
+        theirs = eager.generate([eager.row(r) for r in batch])
+        for a, b in zip(ours, theirs, strict=True):
+            assert a is not None and b is not None
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_torch_compile_matches_eager_on_the_cpu(
+    weights: Path, torch_core: StableDiffusionCore
+) -> None:
+    """torch.compile (inductor, dynamic shapes) of the UNet; the warm-up pays for it."""
+    compiled = StableDiffusionCore(weights, runtime="torch", compile_mode="default")
+    compiled.warm_up()
+    compiled_matches_eager(compiled, torch_core)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_torch_compile_with_cuda_graphs_matches_eager_on_cuda(weights: Path) -> None:
+    eager = StableDiffusionCore(weights, runtime="torch")
+    graphed = StableDiffusionCore(weights, runtime="torch", compile_mode="reduce-overhead")
+    graphed.warm_up()
+    compiled_matches_eager(graphed, eager)

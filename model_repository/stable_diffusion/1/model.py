@@ -7,7 +7,9 @@ answer every request exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import locale
 import secrets
 from dataclasses import fields
 from pathlib import Path
@@ -52,8 +54,16 @@ def _column(tensor: Any) -> np.ndarray:
     return array.reshape(array.shape[0], -1)[:, 0]
 
 
+def _utf8_text_files() -> None:
+    """The backend stub embeds an isolated Python that never sets its locale, so open()
+    reads text as ASCII; torch.compile's kernel templates are UTF-8."""
+    with contextlib.suppress(locale.Error):  # no such locale here: keep the default
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        _utf8_text_files()
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         weights = Path(args["model_repository"]) / args["model_version"] / "weights"
@@ -64,6 +74,7 @@ class TritonPythonModel:
             limits=_limits(params),
             # TensorRT engines must hold the batches the dynamic batcher forms.
             max_batch_size=max(1, int(config.get("max_batch_size", 1))),
+            compile_mode=params.get("torch_compile", ""),
         )
         advertised = (params.get("model_name"), params.get("model_version"))
         if advertised != (self.core.model_name, self.core.model_version):
@@ -71,6 +82,7 @@ class TritonPythonModel:
                 f"the config advertises model {advertised} but {weights} holds "
                 f"{(self.core.model_name, self.core.model_version)}: re-run `python -m export onnx`"
             )
+        self.core.warm_up()
         pb_utils.Logger.log_info(
             f"stable_diffusion: {self.core.model_name} version {self.core.model_version}, "
             f"{self.core.limits}"

@@ -46,6 +46,7 @@ class StableDiffusionCore:
         threads: int = 1,
         limits: dict[str, Any] | None = None,
         max_batch_size: int = 1,
+        compile_mode: str = "",
     ) -> None:
         manifest = json.loads((weights / "manifest.json").read_text())
         if manifest.get("format") != MANIFEST_FORMAT:
@@ -65,7 +66,12 @@ class StableDiffusionCore:
         self.scheduler_config = json.loads((weights / manifest["scheduler_config"]).read_text())
         self.runtime = runtime
         self.components: dict[str, Component] = load_components(
-            weights, manifest, runtime, threads, max_batch_size=max_batch_size
+            weights,
+            manifest,
+            runtime,
+            threads,
+            max_batch_size=max_batch_size,
+            compile_mode=compile_mode,
         )
         self.device = self.components["unet"].device
 
@@ -106,6 +112,27 @@ class StableDiffusionCore:
                 f"{name} is {tokens} tokens long; the text encoder reads at most "
                 f"{self.tokenizer.model_max_length} (start and end tokens included)"
             )
+
+    def warm_up(self) -> None:
+        """One guided two-step image at the default size, before the first request: lazy
+        initialisation (CUDA context, kernels, torch.compile) is paid here, not by a client."""
+        size = self.limits.default_size
+        self.generate(
+            [
+                self.row(
+                    GenerationRequest(
+                        prompt="warm-up",
+                        negative_prompt="",
+                        seed=0,
+                        steps=2,
+                        guidance_scale=7.5,
+                        width=size,
+                        height=size,
+                        scheduler=self.limits.default_scheduler,
+                    )
+                )
+            ]
+        )
 
     def generate(self, rows: Sequence[Row]) -> list[np.ndarray | None]:
         """One HxWx3 uint8 image per row, or None where the row was cancelled."""

@@ -4,15 +4,20 @@ Every component takes and returns torch tensors on its `device`, in float32 (tok
 int64), whatever precision it computes in. The pipeline core keeps latents on that device
 across the denoising steps, so a GPU runtime makes no host round trip per step.
 
-| runtime            | device         | precision                  | verified              |
-|--------------------|----------------|----------------------------|-----------------------|
-| `onnxruntime`      | CPU            | fp32                       | here (CPU tests)      |
-| `torch`            | CUDA, else CPU | fp16 on CUDA, fp32 on CPU  | CPU here; CUDA on GPU |
-| `onnxruntime_cuda` | CUDA           | fp32                       | needs onnxruntime-gpu |
-| `tensorrt`         | CUDA           | fp16 engines               | needs TensorRT        |
+| runtime            | device         | precision                  | verified                  |
+|--------------------|----------------|----------------------------|---------------------------|
+| `onnxruntime`      | CPU            | fp32                       | here (CPU tests)          |
+| `torch`            | CUDA, else CPU | fp16 on CUDA, fp32 on CPU  | CPU here; CUDA not yet run |
+| `torch` + compile  | CUDA, else CPU | as above, UNet compiled    | CPU here; CUDA not yet run |
+| `onnxruntime_cuda` | CUDA           | fp32                       | needs onnxruntime-gpu     |
+| `tensorrt`         | CUDA           | fp16 engines               | needs TensorRT            |
 
-The last two are verified only where onnxruntime-gpu or TensorRT and a CUDA GPU are
-installed: neither this CPU machine nor the lent GPU machine has them.
+`torch_compile` compiles the torch runtime's UNet with torch.compile (dynamic shapes, so one
+compilation serves every batch the batcher forms); mode "reduce-overhead" replays CUDA graphs.
+
+The CUDA paths run only on a GPU; the CPU machine has none, and no session has yet been lent
+the GPU machine with time to run perf/gpu_bench.py. The last two need onnxruntime-gpu or
+TensorRT as well, which the lent GPU machine lacks.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from sd_engines import (
 )
 
 RUNTIMES = ("onnxruntime", "onnxruntime_cuda", "torch", "tensorrt")
+# torch.compile modes for the torch runtime's UNet ("" = eager). "reduce-overhead" adds CUDA
+# graphs on a GPU: small batches are bound by kernel launches, which a graph replays at once.
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class Component(Protocol):
@@ -218,9 +226,16 @@ class TorchComponent:
     may differ by one 8-bit level with its batch mates (tests/test_runtimes.py measures it).
     """
 
-    def __init__(self, name: str, module: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, name: str, module: torch.nn.Module, device: torch.device, compile_mode: str = ""
+    ) -> None:
         self.name, self.module, self.device = name, module, device
         self.dtype = next(module.parameters()).dtype
+        # One compilation for every batch size and image size the batcher forms (dynamic
+        # shapes); with CUDA graphs, torch records one graph per shape on first use.
+        self.forward: Any = (
+            torch.compile(module, mode=compile_mode, dynamic=True) if compile_mode else module
+        )
 
     @torch.inference_mode()
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -229,7 +244,7 @@ class TorchComponent:
             out = self.module(ids.to(self.device), return_dict=False)[0]
         elif self.name == "unet":
             sample, timestep, context = inputs
-            out = self.module(
+            out = self.forward(
                 sample.to(self.device, self.dtype),
                 timestep.to(self.device),  # float32: fractional timesteps survive
                 context.to(self.device, self.dtype),
@@ -239,10 +254,12 @@ class TorchComponent:
             (latents,) = inputs
             decode: Any = self.module.decode  # AutoencoderKL.decode
             out = decode(latents.to(self.device, self.dtype), return_dict=False)[0]
-        return out.float()
+        return out.float()  # a copy on CUDA (fp16): a replayed CUDA graph reuses `out`
 
 
-def _torch_components(folder: Path, manifest: dict[str, Any]) -> dict[str, Component]:
+def _torch_components(
+    folder: Path, manifest: dict[str, Any], compile_mode: str
+) -> dict[str, Component]:
     if "diffusers" not in manifest:
         raise RuntimeError(
             f"{folder}: runtime torch needs the diffusers copy that `python -m export onnx` "
@@ -260,7 +277,9 @@ def _torch_components(folder: Path, manifest: dict[str, Any]) -> dict[str, Compo
         "vae_decoder": AutoencoderKL.from_pretrained(source / "vae", torch_dtype=dtype),
     }
     return {
-        name: TorchComponent(name, module.to(device).eval(), device)
+        name: TorchComponent(
+            name, module.to(device).eval(), device, compile_mode if name == "unet" else ""
+        )
         for name, module in modules.items()
     }
 
@@ -298,11 +317,19 @@ def load_components(
     threads: int,
     *,
     max_batch_size: int = 1,
+    compile_mode: str = "",
 ) -> dict[str, Component]:
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(
+            f"unknown torch_compile mode {compile_mode!r}; choose from "
+            f"{', '.join(repr(m) for m in COMPILE_MODES)}"
+        )
+    if compile_mode and runtime != "torch":
+        raise ValueError(f"torch_compile {compile_mode!r} applies to runtime torch, not {runtime}")
     if runtime == "torch":
-        return _torch_components(folder, manifest)
+        return _torch_components(folder, manifest, compile_mode)
     if manifest.get("runtime", "onnx") != "onnx":
         raise RuntimeError(
             f"{folder} holds no ONNX files (exported with --torch-only): use runtime torch, "

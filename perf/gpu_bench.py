@@ -32,7 +32,9 @@ export is `--torch-only`. How to run it (from the repository root on the CPU mac
   # then the device tool, with a limit that leaves time to rerun:
   run(command="perf/gpu_device.sh", carry=[".whl"], timeout_s=540)
 
-`perf/gpu_device.sh --workload quick` shrinks the sweep. Results: `$OUT/<workload>-bench.json`
+Device time is an estimate until the first run: about 10 minutes, most of it compiling the
+SD 1.5 UNet at load (`load_s` in the results says how long). `--workload quick` shrinks the
+sweep; `--torch-compile ""` skips the compilation (and measures eager torch). Results: `$OUT/<workload>-bench.json`
 (copy it to perf/results/) and a summary on stdout.
 """
 
@@ -116,7 +118,10 @@ def triton_sweep(repository: Path, workdir: Path, work: Workload) -> dict[str, A
 
     triton = Triton(repository, workdir).start()
     try:
-        triton.load()
+        start = time.perf_counter()
+        triton.load()  # weights to the device, torch.compile and the warm-up
+        load_s = time.perf_counter() - start
+        print(f"model loaded in {load_s:.0f} s", flush=True)
         params = [
             ImageParams(
                 prompt=f"{PROMPT}, variant {i}",
@@ -156,7 +161,7 @@ def triton_sweep(repository: Path, workdir: Path, work: Workload) -> dict[str, A
             ns -= before.get(b, (0, 0))[1]
             if count > 0:
                 formed[b] = {"executions": count, "compute_s_per_image": ns / 1e9 / count / b}
-        return {"levels": levels, "batches_formed": formed}
+        return {"load_s": load_s, "levels": levels, "batches_formed": formed}
     finally:
         triton.stop()
 

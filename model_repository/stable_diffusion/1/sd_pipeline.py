@@ -65,6 +65,8 @@ class StableDiffusionCore:
         self.tokenizer = CLIPTokenizer.from_pretrained(weights / manifest["tokenizer"])
         self.scheduler_config = json.loads((weights / manifest["scheduler_config"]).read_text())
         self.runtime = runtime
+        self.compile_mode = compile_mode
+        self.max_batch_size = max_batch_size
         self.components: dict[str, Component] = load_components(
             weights,
             manifest,
@@ -114,25 +116,33 @@ class StableDiffusionCore:
             )
 
     def warm_up(self) -> None:
-        """One guided two-step image at the default size, before the first request: lazy
-        initialisation (CUDA context, kernels, torch.compile) is paid here, not by a client."""
+        """Two-step images at the default size before the first request, so lazy
+        initialisation (CUDA context, kernels, torch.compile) is paid here, not by a client.
+        A compiled UNet sees every batch the batcher may form at that size (one CUDA graph
+        each) and the unguided batch of one (torch specialises a dimension of size 1)."""
         size = self.limits.default_size
-        self.generate(
-            [
+
+        def rows(n: int, guidance: float) -> list[Row]:
+            return [
                 self.row(
                     GenerationRequest(
                         prompt="warm-up",
-                        negative_prompt="",
-                        seed=0,
+                        seed=seed,
                         steps=2,
-                        guidance_scale=7.5,
+                        guidance_scale=guidance,
                         width=size,
                         height=size,
                         scheduler=self.limits.default_scheduler,
                     )
                 )
+                for seed in range(n)
             ]
-        )
+
+        self.generate(rows(1, 7.5))
+        if self.compile_mode:
+            self.generate(rows(1, 1.0))
+            for n in range(2, self.max_batch_size + 1):
+                self.generate(rows(n, 7.5))
 
     def generate(self, rows: Sequence[Row]) -> list[np.ndarray | None]:
         """One HxWx3 uint8 image per row, or None where the row was cancelled."""

@@ -34,8 +34,8 @@ export is `--torch-only`. How to run it (from the repository root on the CPU mac
 
 Device time is an estimate until the first run: about 10 minutes, most of it compiling the
 SD 1.5 UNet at load (`load_s` in the results says how long). `--workload quick` shrinks the
-sweep; `--torch-compile ""` skips the compilation (and measures eager torch). Results: `$OUT/<workload>-bench.json`
-(copy it to perf/results/) and a summary on stdout.
+sweep; `--torch-compile ""` skips the compilation (and measures eager torch). Results:
+`$OUT/<workload>-bench.json` (copy it to perf/results/) and a summary on stdout.
 """
 
 from __future__ import annotations

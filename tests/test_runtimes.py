@@ -170,11 +170,14 @@ def test_torch_compile_modes_are_checked(weights: Path) -> None:
 
 
 def compiled_matches_eager(compiled: StableDiffusionCore, eager: StableDiffusionCore) -> None:
-    """Two batch sizes through the one dynamic-shape compilation, each within one 8-bit
-    level of eager torch on the same device."""
+    """Three batch sizes and a size other than the warm-up's through the one dynamic-shape
+    compilation, with no recompilation after the warm-up (an unguided single row too), each
+    within one 8-bit level of eager torch on the same device."""
     small = dict(width=64, height=64, steps=3)
-    for batch in ([request(**small)], [request(**small), request(seed=9, **small)]):
-        ours = compiled.generate([compiled.row(r) for r in batch])
+    unguided = request(guidance_scale=1.0, **small)  # a UNet batch of one
+    for batch in ([request(**small)], [request(**small), request(seed=9, **small)], [unguided]):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            ours = compiled.generate([compiled.row(r) for r in batch])
         theirs = eager.generate([eager.row(r) for r in batch])
         for a, b in zip(ours, theirs, strict=True):
             assert a is not None and b is not None

@@ -119,10 +119,10 @@ class StableDiffusionCore:
         """Two-step images at the default size before the first request, so lazy
         initialisation (CUDA context, kernels, torch.compile) is paid here, not by a client.
         A compiled UNet sees every batch the batcher may form at that size (one CUDA graph
-        each) and the unguided batch of one (torch specialises a dimension of size 1)."""
+        each)."""
         size = self.limits.default_size
 
-        def rows(n: int, guidance: float) -> list[Row]:
+        def rows(n: int, guidance: float) -> list[Row]:  # guided: the UNet sees 2n rows
             return [
                 self.row(
                     GenerationRequest(
@@ -138,12 +138,10 @@ class StableDiffusionCore:
                 for seed in range(n)
             ]
 
-        self.generate(rows(1, 7.5))
-        if self.compile_mode:
-            self.generate(rows(1, 1.0))
-            for n in range(2, self.max_batch_size + 1):
-                self.generate(rows(n, 7.5))
+        for n in range(1, self.max_batch_size + 1 if self.compile_mode else 2):
+            self.generate(rows(n, 7.5))
 
+    @torch.inference_mode()  # every tensor alike, so a compiled UNet's guards hold
     def generate(self, rows: Sequence[Row]) -> list[np.ndarray | None]:
         """One HxWx3 uint8 image per row, or None where the row was cancelled."""
         groups: dict[tuple[str, int, int, int], list[int]] = defaultdict(list)

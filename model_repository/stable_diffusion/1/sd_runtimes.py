@@ -233,6 +233,7 @@ class TorchComponent:
         self.dtype = next(module.parameters()).dtype
         # One compilation for every batch size and image size the batcher forms (dynamic
         # shapes); with CUDA graphs, torch records one graph per shape on first use.
+        self.compiled = bool(compile_mode)
         self.forward: Any = (
             torch.compile(module, mode=compile_mode, dynamic=True) if compile_mode else module
         )
@@ -244,12 +245,17 @@ class TorchComponent:
             out = self.module(ids.to(self.device), return_dict=False)[0]
         elif self.name == "unet":
             sample, timestep, context = inputs
+            rows = sample.shape[0]
+            if self.compiled and rows == 1:
+                # torch specialises a dimension of size 1, which would cost a second
+                # compilation: an unguided single row runs as two copies instead.
+                sample, timestep, context = (torch.cat([x, x]) for x in inputs)
             out = self.forward(
                 sample.to(self.device, self.dtype),
                 timestep.to(self.device),  # float32: fractional timesteps survive
                 context.to(self.device, self.dtype),
                 return_dict=False,
-            )[0]
+            )[0][:rows]
         else:
             (latents,) = inputs
             decode: Any = self.module.decode  # AutoencoderKL.decode

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,17 @@ def _pytriton_dir() -> Path:
 
 
 PYTRITON_DIR = _pytriton_dir()
+MODEL_SOURCE = Path(__file__).resolve().parents[1] / "model_repository" / "stable_diffusion"
+
+
+def copy_model_repository(target: Path) -> Path:
+    """The committed model (config and code) in a fresh repository, without exported weights."""
+    model = target / MODEL_SOURCE.name
+    (model / "1").mkdir(parents=True)
+    shutil.copy(MODEL_SOURCE / "config.pbtxt", model / "config.pbtxt")
+    for source in (MODEL_SOURCE / "1").glob("*.py"):
+        shutil.copy(source, model / "1" / source.name)
+    return target
 
 
 def backend_directory(root: Path) -> Path:

@@ -135,18 +135,18 @@ def triton_sweep(repository: Path, workdir: Path, work: Workload) -> dict[str, A
             )
             for i in range(work.per_level * max(work.concurrencies))
         ]
-        for p in params[:2]:  # warm-up: CUDA context, allocator, kernels
+
+        def one(p: ImageParams) -> float:
+            start = time.perf_counter()
             generate(triton.grpc_url, [p])
+            return time.perf_counter() - start
+
+        for p in params[:2]:  # through gRPC first, as diffusers gets a warm-up call too
+            one(p)
         before = batch_stats(triton.grpc_url)
         levels = []
         for c in work.concurrencies:
             todo = params[: work.per_level * c]
-
-            def one(p: ImageParams) -> float:
-                start = time.perf_counter()
-                generate(triton.grpc_url, [p])
-                return time.perf_counter() - start
-
             start = time.perf_counter()
             with ThreadPoolExecutor(c) as pool:
                 latencies = list(pool.map(one, todo))
@@ -157,8 +157,8 @@ def triton_sweep(repository: Path, workdir: Path, work: Workload) -> dict[str, A
             print(f"triton c={c}: {levels[-1]}", flush=True)
         formed = {}  # the sweep's executions, warm-up excluded
         for b, (count, ns) in batch_stats(triton.grpc_url).items():
-            count -= before.get(b, (0, 0))[0]
-            ns -= before.get(b, (0, 0))[1]
+            warm_count, warm_ns = before.get(b, (0, 0))
+            count, ns = count - warm_count, ns - warm_ns
             if count > 0:
                 formed[b] = {"executions": count, "compute_s_per_image": ns / 1e9 / count / b}
         return {"load_s": load_s, "levels": levels, "batches_formed": formed}
@@ -221,16 +221,11 @@ def prepare(workdir: Path, work: Workload, max_batch_size: int) -> tuple[Path, P
     from export.onnx_export import export_onnx
     from export.tiny import write_tiny
     from export.triton_config import ConfigOverrides, write_exported_config
+    from launcher.triton import copy_model_repository
 
     model = workdir / f"{work.architecture}-random"
     write_tiny(model, architecture=work.architecture)  # seeded random weights
-    repo = workdir / "model_repository"
-    code = repo / "stable_diffusion" / "1"
-    code.mkdir(parents=True)
-    source = ROOT / "model_repository" / "stable_diffusion"
-    shutil.copy(source / "config.pbtxt", code.parent / "config.pbtxt")
-    for file in (source / "1").glob("*.py"):
-        shutil.copy(file, code / file.name)
+    repo = copy_model_repository(workdir / "model_repository")
     export_onnx(str(model), repo, torch_only=True)
     write_exported_config(
         repo / "stable_diffusion",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import sys
 import uuid
 from collections.abc import Iterator
@@ -16,24 +15,12 @@ import pytest
 from launcher.gateway import GatewayServer, WorkerServer
 from launcher.kafka import KafkaBroker
 from launcher.redis import RedisServer
-from launcher.triton import Triton
+from launcher.triton import MODEL_SOURCE, Triton, copy_model_repository
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_SOURCE = ROOT / "model_repository" / "stable_diffusion"
-MODEL_CODE = MODEL_SOURCE / "1"
 
 # The pipeline core is a plain module beside model.py; tests import it without Triton.
-sys.path.insert(0, str(MODEL_CODE))
-
-
-def copy_model_repository(target: Path) -> Path:
-    """The committed model (config and code) in a fresh repository, without exported weights."""
-    model = target / "stable_diffusion"
-    (model / "1").mkdir(parents=True)
-    shutil.copy(MODEL_SOURCE / "config.pbtxt", model / "config.pbtxt")
-    for source in MODEL_CODE.glob("*.py"):
-        shutil.copy(source, model / "1" / source.name)
-    return target
+sys.path.insert(0, str(MODEL_SOURCE / "1"))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from export.components import COMPONENTS
 from export.errors import ExportError
 from export.onnx_export import export_onnx
 from export.tiny import write_tiny
-from tests.conftest import copy_model_repository
+from launcher.triton import copy_model_repository
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from export.tiny import write_tiny
-from tests.conftest import copy_model_repository
+from launcher.triton import copy_model_repository
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("FORGE_LARGE_EXPORT"),

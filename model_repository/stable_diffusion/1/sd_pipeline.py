@@ -122,14 +122,14 @@ class StableDiffusionCore:
         each)."""
         size = self.limits.default_size
 
-        def rows(n: int, guidance: float) -> list[Row]:  # guided: the UNet sees 2n rows
+        def rows(n: int) -> list[Row]:  # guided: the UNet sees 2n rows
             return [
                 self.row(
                     GenerationRequest(
                         prompt="warm-up",
                         seed=seed,
                         steps=2,
-                        guidance_scale=guidance,
+                        guidance_scale=7.5,
                         width=size,
                         height=size,
                         scheduler=self.limits.default_scheduler,
@@ -139,7 +139,7 @@ class StableDiffusionCore:
             ]
 
         for n in range(1, self.max_batch_size + 1 if self.compile_mode else 2):
-            self.generate(rows(n, 7.5))
+            self.generate(rows(n))
 
     @torch.inference_mode()  # every tensor alike, so a compiled UNet's guards hold
     def generate(self, rows: Sequence[Row]) -> list[np.ndarray | None]:

@@ -17,7 +17,7 @@ help:
 	@echo "make down    stop what make up started"
 	@echo "make test    run every test (starts its own services on free ports)"
 	@echo "make bench   CPU benchmarks: Triton vs. in-process, gateway and jobs vs. Triton"
-	@echo "make lint    ruff, mypy, the GitHub workflows (check-jsonschema) and Dockerfiles (hadolint)"
+	@echo "make lint    ruff, import boundaries, mypy, GitHub workflows and Dockerfiles"
 	@echo "make diagram docs/images/architecture.svg and .png from the chart's values and perf/RESULTS.md"
 
 # Re-checked whenever the Makefile (and so APT_PACKAGES) changes.
@@ -74,6 +74,7 @@ bench: $(WEIGHTS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m mypy export launcher gateway perf model_repository/stable_diffusion/1
 	$(PY) -m mypy -p helm.diagram
 	# GitHub Actions workflows against the schema that ships inside check-jsonschema (offline).

@@ -6,15 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from export.errors import ExportError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_tiny(sub: argparse._SubParsersAction) -> None:
     tiny = sub.add_parser(
         "tiny", help="write a deterministic tiny Stable Diffusion (random weights)"
     )
@@ -27,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         help="sd15: Stable Diffusion 1.5's shapes (3.4 GB UNet), for GPU work",
     )
 
+
+def _add_onnx(sub: argparse._SubParsersAction) -> None:
     onnx = sub.add_parser("onnx", help="export a pipeline to ONNX into a Triton model repository")
     onnx.add_argument("--model", required=True, help="diffusers folder or model hub id")
     onnx.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         help="publish the diffusers copy for the torch runtime without ONNX files",
     )
 
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
     config = sub.add_parser(
-        "config", help="write configs/exported.pbtxt: config.pbtxt + overrides + model identity"
+        "config",
+        help="write configs/exported.pbtxt: config.pbtxt + overrides + the manifest's values",
     )
     config.add_argument("--repository", type=Path, default=Path("model_repository"))
     config.add_argument("--model-name", default="stable_diffusion")
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     config.add_argument("--max-queue-delay-us", type=int)
     config.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE")
 
+
+def _add_tensorrt(sub: argparse._SubParsersAction) -> None:
     trt = sub.add_parser(
         "tensorrt",
         help="build fp16 TensorRT engines for this GPU into the published weights' engines/",
@@ -71,62 +76,105 @@ def main(argv: list[str] | None = None) -> int:
     )
     sizes.add_argument("--min-size", type=int, help="one dynamic profile from this size")
     trt.add_argument("--max-size", type=int, help="... to this size (default: the config's)")
-    trt.add_argument("--timing-cache", type=Path, help="default var/tensorrt/timing.<key>.cache")
+    trt.add_argument("--timing-cache", type=Path, help="default var/tensorrt/timing.<gpu>.cache")
     trt.add_argument("--workspace-gib", type=float, default=4.0)
     trt.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the engine manifest (profiles) that would be built; needs no TensorRT",
+        help="print the optimisation profiles that would be built; needs no TensorRT",
     )
 
-    args = parser.parse_args(argv)
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser, one subcommand per export step."""
+    root = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+    for add in (_add_tiny, _add_onnx, _add_config, _add_tensorrt):
+        add(sub)
+    return root
+
+
+def run_tiny(args: argparse.Namespace) -> None:
+    """`tiny`: write the deterministic tiny pipeline and print its folder."""
+    from export.tiny import write_tiny
+
+    print(write_tiny(args.out, seed=args.seed, architecture=args.architecture))
+
+
+def run_onnx(args: argparse.Namespace) -> None:
+    """`onnx`: export, check, publish; print the model identity and the parity measured."""
+    from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, export_onnx
+
+    manifest = export_onnx(
+        args.model,
+        args.repository,
+        tolerance=args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE,
+        opset=args.opset or DEFAULT_OPSET,
+        torch_only=args.torch_only,
+    )
+    print(json.dumps({"model": manifest["model"], "parity": manifest["parity"]}, indent=2))
+
+
+def run_config(args: argparse.Namespace) -> None:
+    """`config`: write configs/exported.pbtxt and print its path."""
+    from export.triton_config import ConfigOverrides, write_exported_config
+
+    parameters = {}
+    for item in args.parameter:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ExportError(f"--parameter {item!r} is not KEY=VALUE")
+        parameters[key] = value
+    overrides = ConfigOverrides(
+        runtime=args.runtime,
+        instance_kind=args.instance_kind,
+        instances=args.instances,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        parameters=parameters,
+    )
+    print(write_exported_config(args.repository / args.model_name, overrides))
+
+
+def run_tensorrt(args: argparse.Namespace) -> None:
+    """`tensorrt`: build the engines (or, dry, plan their profiles) and print the result."""
+    from export.tensorrt_build import build_engines, dry_run, plan_engines
+    from export.tensorrt_profiles import parse_sizes
+
+    if args.sizes and args.max_size is not None:
+        raise ExportError("--max-size goes with --min-size, not with --sizes")
+    planned = plan_engines(
+        args.repository,
+        model_name=args.model_name,
+        max_batch_size=args.max_batch_size,
+        sizes=parse_sizes(args.sizes) if args.sizes else None,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        opt_batch=args.opt_batch,
+    )
+    if args.dry_run:
+        result = dry_run(planned)
+    else:
+        result = build_engines(
+            planned, timing_cache=args.timing_cache, workspace_gib=args.workspace_gib
+        )
+    print(json.dumps(result, indent=2))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "tiny": run_tiny,
+    "onnx": run_onnx,
+    "config": run_config,
+    "tensorrt": run_tensorrt,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one export command; 2 (and the reason on stderr) for a problem the user can fix."""
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        if args.command == "tiny":
-            from export.tiny import write_tiny
-
-            print(write_tiny(args.out, seed=args.seed, architecture=args.architecture))
-        elif args.command == "tensorrt":
-            from export.tensorrt_build import build_engines, parse_sizes
-
-            if args.sizes and args.max_size is not None:
-                raise ExportError("--max-size goes with --min-size, not with --sizes")
-            engine_manifest = build_engines(
-                args.repository,
-                model_name=args.model_name,
-                max_batch_size=args.max_batch_size,
-                sizes=parse_sizes(args.sizes) if args.sizes else None,
-                min_size=args.min_size,
-                max_size=args.max_size,
-                opt_batch=args.opt_batch,
-                timing_cache=args.timing_cache,
-                workspace_gib=args.workspace_gib,
-                dry_run=args.dry_run,
-            )
-            print(json.dumps(engine_manifest, indent=2))
-        elif args.command == "config":
-            from export.triton_config import ConfigOverrides, write_exported_config
-
-            overrides = ConfigOverrides(
-                runtime=args.runtime,
-                instance_kind=args.instance_kind,
-                instances=args.instances,
-                max_batch_size=args.max_batch_size,
-                max_queue_delay_us=args.max_queue_delay_us,
-                parameters=dict(p.split("=", 1) for p in args.parameter),
-            )
-            print(write_exported_config(args.repository / args.model_name, overrides))
-        else:
-            from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, export_onnx
-
-            manifest = export_onnx(
-                args.model,
-                args.repository,
-                tolerance=args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE,
-                opset=args.opset or DEFAULT_OPSET,
-                torch_only=args.torch_only,
-            )
-            print(json.dumps({"model": manifest["model"], "parity": manifest["parity"]}, indent=2))
+        COMMANDS[args.command](args)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

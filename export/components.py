@@ -1,21 +1,24 @@
-"""One class per exported component: its tensor names, symbolic shapes and torch wrapper.
+"""One `ComponentSpec` per exported network: its tensor names, symbolic shapes, rows per image.
 
-This is the single source of truth for what each ONNX file looks like. The exporter uses it
-for names and dynamic axes, the parity check for sample inputs, the TensorRT builder for its
-optimisation profiles, and the manifest carries it to the serving side.
+This is the single source of what each ONNX file looks like and of what each symbolic
+dimension means. The exporter uses it for names and dynamic axes, the parity check for
+sample inputs, the TensorRT builder for its optimisation profiles; the manifest carries it
+to the serving side as data (`components`, `dimensions`), which the model evaluates without
+a table of its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-# Symbolic dimension names. A shape entry is either an int or one of these.
-BATCH = "batch"
-UNET_BATCH = "unet_batch"  # the UNet sees unconditional + conditional rows
+# Symbolic dimension names. A shape entry is either an int or one of these; the manifest's
+# `dimensions` table says what each is (see `geometry.ModelGeometry.dimensions`).
+BATCH = "batch"  # the rows a component sees (see ComponentSpec.rows_per_image)
 SEQUENCE = "sequence"
 HIDDEN = "hidden"
 LATENT_CHANNELS = "latent_channels"
@@ -24,46 +27,92 @@ LATENT_WIDTH = "latent_width"
 IMAGE_HEIGHT = "image_height"
 IMAGE_WIDTH = "image_width"
 
+# What a derived dimension is computed from: a call's rows, or the image size in pixels.
+ROWS, HEIGHT, WIDTH = "rows", "height", "width"
+
+# A dimension: a constant, or {"from": ROWS | HEIGHT | WIDTH, "divisor": k} (integer division).
+Dimension = int | dict[str, Any]
+
+
+def derived(source: str, divisor: int = 1) -> dict[str, Any]:
+    """A dimension computed as `source // divisor` (source: rows, height or width)."""
+    if source not in (ROWS, HEIGHT, WIDTH):
+        raise ValueError(f"dimension source {source!r}: use {ROWS}, {HEIGHT} or {WIDTH}")
+    return {"from": source, "divisor": divisor}
+
+
+def dimension_sizes(
+    table: Mapping[str, Dimension], *, rows: int, height: int, width: int
+) -> dict[str, int]:
+    """Every dimension of `table` for a call on `rows` rows of height x width images."""
+    values = {ROWS: rows, HEIGHT: height, WIDTH: width}
+    return {
+        name: d if isinstance(d, int) else values[d["from"]] // d["divisor"]
+        for name, d in table.items()
+    }
+
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One input or output: name, numpy dtype name, and shape (ints or dimension names)."""
+
     name: str
-    dtype: str  # numpy dtype name
+    dtype: str
     shape: tuple[int | str, ...]
 
-    def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """The concrete shape for these dimension sizes."""
         return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
 
     def dynamic_axes(self) -> dict[int, str]:
+        """Axis index -> dimension name, for the axes that are not fixed."""
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
     def as_manifest(self) -> dict[str, Any]:
+        """The tensor as the manifest records it."""
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """An exported network: ONNX file name, inputs in call order, outputs."""
+    """An exported network: ONNX file name, inputs in call order, outputs, rows per image.
+
+    `rows_per_image` is (guided, unguided): the rows the network sees for one image with
+    and without classifier-free guidance. The text encoder reads the prompt and, when
+    guided, the negative prompt; the UNet sees the conditional and, when guided, the
+    unconditional latent; the VAE decoder sees one latent per image.
+    """
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    rows_per_image: tuple[int, int]
 
     @property
     def filename(self) -> str:
+        """The ONNX file's name in the weights folder."""
         return f"{self.name}.onnx"
 
+    def rows(self, images: int, *, guided: bool) -> int:
+        """Rows this network sees for `images` images, all guided or all unguided."""
+        guided_rows, unguided_rows = self.rows_per_image
+        return images * (guided_rows if guided else unguided_rows)
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes: every symbolic axis of every tensor."""
         return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs) if t.dynamic_axes()}
 
-    def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-        """Random inputs of the shapes `dims` gives, for tracing and parity checks."""
+    def sample_inputs(
+        self, dims: Mapping[str, int], *, vocab: int, seed: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Random inputs of the shapes `dims` gives (token ids below `vocab`), for tracing
+        and parity checks."""
         rng = np.random.default_rng(seed)
         out: dict[str, np.ndarray] = {}
         for t in self.inputs:
             shape = t.resolve(dims)
             if t.dtype == "int64":  # token ids
-                out[t.name] = rng.integers(0, dims["vocab"], size=shape, dtype=np.int64)
+                out[t.name] = rng.integers(0, vocab, size=shape, dtype=np.int64)
             elif t.name == "timestep":
                 out[t.name] = rng.uniform(0, 999, size=shape).astype(t.dtype)
             else:
@@ -71,14 +120,17 @@ class ComponentSpec:
         return out
 
     def profile(
-        self, low: dict[str, int], opt: dict[str, int], high: dict[str, int]
+        self, low: Mapping[str, int], opt: Mapping[str, int], high: Mapping[str, int]
     ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """TensorRT optimisation profile: (min, opt, max) shape for every input."""
         return {t.name: (t.resolve(low), t.resolve(opt), t.resolve(high)) for t in self.inputs}
 
     def as_manifest(self) -> dict[str, Any]:
+        """The component as the manifest records it."""
+        guided, unguided = self.rows_per_image
         return {
             "file": self.filename,
+            "rows_per_image": {"guided": guided, "unguided": unguided},
             "inputs": [t.as_manifest() for t in self.inputs],
             "outputs": [t.as_manifest() for t in self.outputs],
         }
@@ -88,20 +140,20 @@ TEXT_ENCODER = ComponentSpec(
     name="text_encoder",
     inputs=(TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),),
     outputs=(TensorSpec("last_hidden_state", "float32", (BATCH, SEQUENCE, HIDDEN)),),
+    rows_per_image=(2, 1),
 )
 
 UNET = ComponentSpec(
     name="unet",
     inputs=(
-        TensorSpec("sample", "float32", (UNET_BATCH, LATENT_CHANNELS, LATENT_HEIGHT, LATENT_WIDTH)),
-        TensorSpec("timestep", "float32", (UNET_BATCH,)),
-        TensorSpec("encoder_hidden_states", "float32", (UNET_BATCH, SEQUENCE, HIDDEN)),
+        TensorSpec("sample", "float32", (BATCH, LATENT_CHANNELS, LATENT_HEIGHT, LATENT_WIDTH)),
+        TensorSpec("timestep", "float32", (BATCH,)),
+        TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, HIDDEN)),
     ),
     outputs=(
-        TensorSpec(
-            "noise_pred", "float32", (UNET_BATCH, LATENT_CHANNELS, LATENT_HEIGHT, LATENT_WIDTH)
-        ),
+        TensorSpec("noise_pred", "float32", (BATCH, LATENT_CHANNELS, LATENT_HEIGHT, LATENT_WIDTH)),
     ),
+    rows_per_image=(2, 1),
 )
 
 VAE_DECODER = ComponentSpec(
@@ -112,21 +164,27 @@ VAE_DECODER = ComponentSpec(
         ),
     ),
     outputs=(TensorSpec("sample", "float32", (BATCH, 3, IMAGE_HEIGHT, IMAGE_WIDTH)),),
+    rows_per_image=(1, 1),
 )
 
 COMPONENTS: tuple[ComponentSpec, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
 
 
 class TextEncoderModule(torch.nn.Module):
+    """The CLIP text encoder as a network of token ids to its last hidden state."""
+
     def __init__(self, text_encoder: Any) -> None:
         super().__init__()
         self.text_encoder = text_encoder
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden state for these token ids."""
         return self.text_encoder(input_ids, return_dict=False)[0]
 
 
 class UNetModule(torch.nn.Module):
+    """The UNet as a network of (latents, timesteps, text embeddings) to predicted noise."""
+
     def __init__(self, unet: Any) -> None:
         super().__init__()
         self.unet = unet
@@ -134,15 +192,19 @@ class UNetModule(torch.nn.Module):
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
+        """The predicted noise for these latents."""
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
 class VaeDecoderModule(torch.nn.Module):
+    """The VAE decoder as a network of scaled latents to images in [-1, 1]."""
+
     def __init__(self, vae: Any) -> None:
         super().__init__()
         self.vae = vae
 
     def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        """The decoded images for these latents."""
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 

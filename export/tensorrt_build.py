@@ -1,22 +1,21 @@
 """`python -m export tensorrt`: fp16 TensorRT engines from the published ONNX files.
 
-For each component (text encoder, UNet, VAE decoder) this builds
-`weights/engines/<component>.<gpu-key>.plan` from `weights/<component>.onnx` and records it
-in `weights/engines/engines.json` (the engine manifest the model reads; it never imports
-this package). `gpu-key` is `sm<major><minor>-trt<major.minor.patch>`: a plan runs only on
-the GPU architecture and TensorRT version that built it, so engines for several GPUs may
-sit side by side and the model picks its own or refuses with both keys in the message.
+For each component (text encoder, UNet, VAE decoder) this builds a plan from
+`weights/<component>.onnx` into the weights' engines folder and records it in the engine
+manifest; the file names and the manifest's shape come from the model's
+`weights.schema.json`, which the manifest is validated against before it is written (the
+model reads that file, never this package). Each entry names the GPU it was built on, as
+data: compute capability and TensorRT version. A plan runs only there, so engines for
+several GPUs may sit side by side (a plan's file name carries a key such as
+`sm75-trt10.5.0.18`) and the model picks its own or refuses, naming both.
 
-Optimisation profiles come from `ComponentSpec.profile(low, opt, high)`: batch 1 to the
-model config's max_batch_size (the text encoder and the UNet see twice the rows of a guided
-batch: prompts and negative prompts, unconditional and conditional latents), and either one
-dynamic profile over min_size..max_size or one profile per `--sizes` entry.
+Optimisation profiles: see `export.tensorrt_profiles`.
 
-What is verified where: everything but `build_engine` (profiles, names, the engine manifest,
-the argument checks, the clear failure without TensorRT or a GPU) is tested on the CPU
-(tests/test_tensorrt_plan.py). `build_engine` is written against TensorRT 10's documented
-Python API and runs only where TensorRT and a CUDA GPU are installed; no machine this
-project has used so far has TensorRT, so it has not been run yet.
+What is verified where: everything but `build_engine` (profiles, names, the engine manifest
+and its validation, the argument checks, the clear failure without TensorRT or a GPU) is
+tested on the CPU (tests/test_tensorrt_plan.py). `build_engine` is written against TensorRT
+10's documented Python API; it runs only where TensorRT and a CUDA GPU exist, and this
+repository's CI has neither.
 """
 
 from __future__ import annotations
@@ -26,209 +25,105 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from export.components import (
-    BATCH,
-    COMPONENTS,
-    HIDDEN,
-    IMAGE_HEIGHT,
-    IMAGE_WIDTH,
-    LATENT_CHANNELS,
-    LATENT_HEIGHT,
-    LATENT_WIDTH,
-    SEQUENCE,
-    UNET_BATCH,
-    ComponentSpec,
-)
+from export.components import COMPONENTS, ComponentSpec
 from export.errors import ExportError
+from export.tensorrt_profiles import Profile, ProfilePlan, Size, profiles, profiles_as_manifest
+from export.triton_config import EXPORTED_CONFIG, config_parameters, read_config
+from export.weights_schema import ENGINES, MANIFEST, WeightsSchema
 
 log = logging.getLogger(__name__)
 
-ENGINES_DIR = "engines"
-ENGINE_MANIFEST = "engines.json"
-ENGINE_MANIFEST_FORMAT = 1
 PRECISION = "fp16"
 DEFAULT_TIMING_CACHE_DIR = Path("var/tensorrt")
 
-Size = tuple[int, int]  # (width, height) in pixels
 
+@dataclass(frozen=True)
+class GpuIdentity:
+    """The GPU a plan is built on: the plan runs only on this compute capability with this
+    TensorRT version."""
 
-def gpu_key(major: int, minor: int, tensorrt_version: str) -> str:
-    """`sm75-trt10.5.0`. The model side has its own copy (sd_engines.gpu_key); a test
-    checks that the two agree."""
-    parts = tensorrt_version.split(".")
-    if len(parts) < 3 or not all(p.isdigit() for p in parts[:3]):
-        raise ExportError(f"TensorRT version {tensorrt_version!r} is not major.minor.patch")
-    return f"sm{major}{minor}-trt{'.'.join(parts[:3])}"
+    compute_capability: tuple[int, int]
+    tensorrt: str  # tensorrt.__version__, e.g. 10.5.0.18
+    name: str  # e.g. Tesla T4, for the record
 
+    @property
+    def key(self) -> str:
+        """`sm75-trt10.5.0.18`: this export's naming of plans and timing caches."""
+        major, minor = self.compute_capability
+        return f"sm{major}{minor}-trt{self.tensorrt}"
 
-def engine_filename(component: str, key: str) -> str:
-    return f"{component}.{key}.plan"
-
-
-def parse_sizes(text: str) -> list[Size]:
-    """'512x512,768x512' -> [(512, 512), (768, 512)] as (width, height)."""
-    sizes = []
-    for item in text.split(","):
-        try:
-            width, height = (int(v) for v in item.strip().lower().split("x"))
-        except ValueError as exc:
-            raise ExportError(f"size {item!r} is not WIDTHxHEIGHT, e.g. 512x512") from exc
-        sizes.append((width, height))
-    return sizes
+    def as_manifest(self) -> dict[str, Any]:
+        """The identity as engine entries record it (and the model compares)."""
+        return {"compute_capability": list(self.compute_capability), "tensorrt": self.tensorrt}
 
 
 @dataclass(frozen=True)
-class ProfilePlan:
-    """What to build for: batches, and either a size range or a list of fixed sizes."""
+class EnginePlan:
+    """Everything a build needs but TensorRT: where, what from, and the profiles."""
 
-    max_batch_size: int
-    opt_batch: int
-    size_multiple: int
-    min_size: int
-    max_size: int
-    opt_size: Size
-    sizes: tuple[Size, ...] = ()  # empty: one dynamic profile over min_size..max_size
+    schema: WeightsSchema
+    weights: Path
+    manifest: dict[str, Any]
+    plan: ProfilePlan
 
-    @classmethod
-    def make(
-        cls,
-        *,
-        max_batch_size: int,
-        size_multiple: int,
-        min_size: int,
-        max_size: int,
-        default_size: int,
-        sizes: list[Size] | None = None,
-        opt_batch: int | None = None,
-    ) -> ProfilePlan:
-        """Checked against the config's limits; sizes rounded inwards to the multiple."""
-        if max_batch_size < 1:
-            raise ExportError(f"max batch size {max_batch_size} must be at least 1")
-        low = -(-min_size // size_multiple) * size_multiple
-        high = max_size // size_multiple * size_multiple
-        if low > high:
-            raise ExportError(
-                f"no size between min_size {min_size} and max_size {max_size} is a multiple "
-                f"of the model's size multiple {size_multiple}"
-            )
-        for width, height in sizes or []:
-            for name, value in (("width", width), ("height", height)):
-                if value % size_multiple or not low <= value <= high:
-                    raise ExportError(
-                        f"{name} {value} of size {width}x{height}: sizes must be multiples of "
-                        f"{size_multiple} within {low}..{high} (the model config's min_size "
-                        "and max_size)"
-                    )
-        opt_b = min(max_batch_size, opt_batch or min(4, max_batch_size))
-        if opt_b < 1:
-            raise ExportError(f"opt batch {opt_batch} must be at least 1")
-        opt = min(max(default_size, low), high) // size_multiple * size_multiple
-        return cls(
-            max_batch_size=max_batch_size,
-            opt_batch=opt_b,
-            size_multiple=size_multiple,
-            min_size=low,
-            max_size=high,
-            opt_size=sizes[0] if sizes else (opt, opt),
-            sizes=tuple(sizes or ()),
-        )
-
-
-def _batch_dims(spec: ComponentSpec, images: int, *, guided: bool) -> dict[str, int]:
-    """The text encoder reads prompts and negative prompts; the UNet sees unconditional
-    and conditional rows: both see 2x the images of a guided batch."""
-    rows = 2 * images if guided else images
-    if spec.name == "text_encoder":
-        return {BATCH: rows, UNET_BATCH: rows}
-    return {BATCH: images, UNET_BATCH: rows}
-
-
-def profile_dims(
-    spec: ComponentSpec, geometry: dict[str, Any], plan: ProfilePlan
-) -> list[tuple[dict[str, int], dict[str, int], dict[str, int]]]:
-    """(low, opt, high) symbolic dims for each profile of `spec`."""
-    scale = geometry["vae_scale_factor"]
-
-    def dims(batch: dict[str, int], width: int, height: int) -> dict[str, int]:
-        return {
-            **batch,
-            SEQUENCE: geometry["sequence"],
-            HIDDEN: geometry["hidden"],
-            LATENT_CHANNELS: geometry["latent_channels"],
-            LATENT_HEIGHT: height // scale,
-            LATENT_WIDTH: width // scale,
-            IMAGE_HEIGHT: height,
-            IMAGE_WIDTH: width,
-        }
-
-    low_b = _batch_dims(spec, 1, guided=False)
-    opt_b = _batch_dims(spec, plan.opt_batch, guided=True)
-    high_b = _batch_dims(spec, plan.max_batch_size, guided=True)
-    if not plan.sizes:
-        lo, hi, (ow, oh) = plan.min_size, plan.max_size, plan.opt_size
-        return [(dims(low_b, lo, lo), dims(opt_b, ow, oh), dims(high_b, hi, hi))]
-    return [(dims(low_b, w, h), dims(opt_b, w, h), dims(high_b, w, h)) for w, h in plan.sizes]
-
-
-def profiles(
-    spec: ComponentSpec, geometry: dict[str, Any], plan: ProfilePlan
-) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
-    """TensorRT profiles for `spec`: per input, (min, opt, max) shapes."""
-    return [spec.profile(low, opt, high) for low, opt, high in profile_dims(spec, geometry, plan)]
-
-
-def profiles_as_manifest(
-    built: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]],
-) -> list[dict[str, dict[str, list[int]]]]:
-    return [
-        {
-            name: {"min": list(lo), "opt": list(op), "max": list(hi)}
-            for name, (lo, op, hi) in p.items()
-        }
-        for p in built
-    ]
+    def profiles(self) -> dict[str, list[Profile]]:
+        """Each component's optimisation profiles."""
+        dimensions = self.manifest["dimensions"]
+        return {spec.name: profiles(spec, dimensions, self.plan) for spec in COMPONENTS}
 
 
 def engine_entry(
-    spec: ComponentSpec,
-    key: str,
-    built: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]],
-    build_info: dict[str, Any],
+    spec: ComponentSpec, gpu: GpuIdentity, file: str, built: list[Profile], info: dict[str, Any]
 ) -> dict[str, Any]:
+    """One plan as the engine manifest records it."""
     return {
         "component": spec.name,
-        "gpu_key": key,
-        "file": engine_filename(spec.name, key),
+        "gpu": gpu.as_manifest(),
+        "file": file,
         "precision": PRECISION,
         "profiles": profiles_as_manifest(built),
-        "built": build_info,
+        "built": info,
     }
 
 
-def merge_engine_manifest(
-    existing: dict[str, Any] | None, model: dict[str, Any], entries: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The engine manifest with `entries` replacing those of the same component and GPU key.
+def _slot(entry: dict[str, Any]) -> tuple[tuple[int, ...], str, str]:
+    gpu = entry["gpu"]
+    return (tuple(gpu["compute_capability"]), gpu["tensorrt"], entry["component"])
 
-    Engines for other GPU keys stay (a T4 and an A10G may share a weights folder); engines
-    built from other weights (another model version) are dropped.
+
+def merge_engine_manifest(
+    existing: dict[str, Any] | None,
+    model: dict[str, Any],
+    entries: list[dict[str, Any]],
+    *,
+    format_version: int,
+) -> dict[str, Any]:
+    """The engine manifest with `entries` replacing those of the same component and GPU.
+
+    Engines for other GPUs stay (a T4 and an A10G may share a weights folder); engines built
+    from other weights (another model version) or recorded in another format are dropped.
     """
     old = []
-    if existing and existing.get("model", {}).get("version") == model["version"]:
-        new_keys = {(e["component"], e["gpu_key"]) for e in entries}
-        old = [e for e in existing["engines"] if (e["component"], e["gpu_key"]) not in new_keys]
+    if (
+        existing
+        and existing.get("format") == format_version
+        and existing.get("model", {}).get("version") == model["version"]
+    ):
+        replaced = {_slot(e) for e in entries}
+        old = [e for e in existing["engines"] if _slot(e) not in replaced]
     return {
-        "format": ENGINE_MANIFEST_FORMAT,
+        "format": format_version,
         "model": {"name": model["name"], "version": model["version"]},
-        "engines": sorted([*old, *entries], key=lambda e: (e["gpu_key"], e["component"])),
+        "engines": sorted([*old, *entries], key=_slot),
     }
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` through a scratch file and one rename: readers see old or new."""
     scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     scratch.write_bytes(data)
     os.replace(scratch, path)
@@ -236,20 +131,25 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def model_limits(model_dir: Path) -> dict[str, int]:
     """max_batch_size, min_size and max_size from the config Triton loads."""
-    from export.triton_config import EXPORTED_CONFIG, read_config
-
     exported = model_dir / "configs" / f"{EXPORTED_CONFIG}.pbtxt"
-    config = read_config(exported if exported.is_file() else model_dir / "config.pbtxt")
-    params = {k: v.string_value for k, v in config.parameters.items()}
-    return {
-        "max_batch_size": max(1, config.max_batch_size),
-        "min_size": int(params.get("min_size", "64")),
-        "max_size": int(params.get("max_size", "1024")),
-    }
+    path = exported if exported.is_file() else model_dir / "config.pbtxt"
+    config = read_config(path)
+    params = config_parameters(config)
+    limits = {"max_batch_size": config.max_batch_size}
+    for name in ("min_size", "max_size"):
+        if name not in params:
+            raise ExportError(f"{path} lacks the parameter {name}")
+        try:
+            limits[name] = int(params[name])
+        except ValueError as exc:
+            raise ExportError(
+                f"{path}: parameter {name} {params[name]!r} is not an integer"
+            ) from exc
+    return limits
 
 
-def require_tensorrt() -> tuple[Any, str, str]:
-    """(tensorrt module, GPU key, GPU name), or an ExportError that says what is missing."""
+def require_tensorrt() -> tuple[Any, GpuIdentity]:
+    """(tensorrt module, this GPU), or an ExportError that says what is missing."""
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -264,19 +164,20 @@ def require_tensorrt() -> tuple[Any, str, str]:
             "no CUDA GPU: TensorRT builds engines for the GPU it runs on; run "
             "`python -m export tensorrt` on the serving GPU (torch sees none here)"
         )
-    major, minor = torch.cuda.get_device_capability()
-    return trt, gpu_key(major, minor, trt.__version__), torch.cuda.get_device_name()
+    capability = torch.cuda.get_device_capability()
+    gpu = GpuIdentity(capability, str(trt.__version__), torch.cuda.get_device_name())
+    return trt, gpu
 
 
 def build_engine(
     trt: Any,
     onnx_file: Path,
-    built_profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]],
+    built_profiles: list[Profile],
     timing_cache: Path,
     workspace_bytes: int,
 ) -> bytes:
-    """Serialized fp16 engine for `onnx_file` (TensorRT 10 Python API). NOT RUN YET: needs
-    TensorRT and a CUDA GPU, which no machine of this project has had.
+    """Serialized fp16 engine for `onnx_file` (TensorRT 10 Python API). Runs only where
+    TensorRT and a CUDA GPU exist; this repository's CI has neither.
 
     The network is weakly typed with the FP16 builder flag: the ONNX files are fp32 (they
     match torch to 1e-6), and STRONGLY_TYPED would keep them fp32. TensorRT 10 networks are
@@ -319,84 +220,79 @@ def plan_engines(
     min_size: int | None = None,
     max_size: int | None = None,
     opt_batch: int | None = None,
-) -> tuple[Path, dict[str, Any], ProfilePlan]:
-    """(weights folder, weights manifest, profile plan): everything but TensorRT itself."""
+) -> EnginePlan:
+    """Everything a build needs but TensorRT, from the published weights and the config."""
     model_dir = repository / model_name
+    schema = WeightsSchema.of_model(model_dir)
     weights = model_dir / "1" / "weights"
-    manifest_file = weights / "manifest.json"
+    manifest_file = weights / schema.manifest_file
     if not manifest_file.is_file():
         raise ExportError(f"{manifest_file} does not exist: run `python -m export onnx` first")
     manifest = json.loads(manifest_file.read_text())
-    if manifest.get("runtime", "onnx") != "onnx":
+    schema.check(MANIFEST, manifest, manifest_file)
+    if manifest["runtime"] != "onnx":
         raise ExportError(f"{weights} holds no ONNX files (exported with --torch-only)")
     limits = model_limits(model_dir)
-    geo = manifest["geometry"]
+    contract = manifest["contract"]
     plan = ProfilePlan.make(
         max_batch_size=max_batch_size or limits["max_batch_size"],
-        size_multiple=geo["size_multiple"],
+        size_multiple=contract["size_multiple"],
         min_size=min_size if min_size is not None else limits["min_size"],
         max_size=max_size if max_size is not None else limits["max_size"],
-        default_size=geo["default_size"],
+        default_size=contract["default_size"],
         sizes=sizes,
         opt_batch=opt_batch,
     )
-    return weights, manifest, plan
+    return EnginePlan(schema, weights, manifest, plan)
+
+
+def dry_run(planned: EnginePlan) -> dict[str, Any]:
+    """What a build would make, without TensorRT: each component's profiles."""
+    return {
+        "model": planned.manifest["model"],
+        "profiles": {
+            name: profiles_as_manifest(built) for name, built in planned.profiles().items()
+        },
+    }
 
 
 def build_engines(
-    repository: Path,
-    *,
-    model_name: str = "stable_diffusion",
-    max_batch_size: int | None = None,
-    sizes: list[Size] | None = None,
-    min_size: int | None = None,
-    max_size: int | None = None,
-    opt_batch: int | None = None,
-    timing_cache: Path | None = None,
-    workspace_gib: float = 4.0,
-    dry_run: bool = False,
+    planned: EnginePlan, *, timing_cache: Path | None = None, workspace_gib: float = 4.0
 ) -> dict[str, Any]:
-    """Build every component's engine and return the engine manifest (written unless dry)."""
-    weights, manifest, plan = plan_engines(
-        repository,
-        model_name=model_name,
-        max_batch_size=max_batch_size,
-        sizes=sizes,
-        min_size=min_size,
-        max_size=max_size,
-        opt_batch=opt_batch,
-    )
-    geo = manifest["geometry"]
-    all_profiles = {spec.name: profiles(spec, geo, plan) for spec in COMPONENTS}
-    trt: Any = None
-    info: dict[str, Any] = {"dry_run": True}
-    if dry_run:
-        key = "dry-run"
-    else:
-        trt, key, gpu_name = require_tensorrt()
-        info = {"gpu": gpu_name, "tensorrt": trt.__version__}
-    engines_dir = weights / ENGINES_DIR
-    cache = timing_cache or DEFAULT_TIMING_CACHE_DIR / f"timing.{key}.cache"
-    entries = []
-    for spec in COMPONENTS:
-        if trt is not None:
-            log.info(
-                "building %s for %s (%d profiles)", spec.name, key, len(all_profiles[spec.name])
-            )
-            engines_dir.mkdir(exist_ok=True)
-            plan_bytes = build_engine(
-                trt,
-                weights / spec.filename,
-                all_profiles[spec.name],
-                cache,
-                int(workspace_gib * (1 << 30)),
-            )
-            write_atomic(engines_dir / engine_filename(spec.name, key), plan_bytes)
-        built_at = datetime.now(UTC).isoformat(timespec="seconds")
-        entries.append(engine_entry(spec, key, all_profiles[spec.name], {**info, "at": built_at}))
-    manifest_file = engines_dir / ENGINE_MANIFEST
+    """Build every component's engine for this GPU; write and return the engine manifest.
+
+    The manifest is validated before the first (long) build, and written after the last.
+    """
+    trt, gpu = require_tensorrt()
+    schema = planned.schema
+    engines_dir = planned.weights / schema.engines_dir
+    manifest_file = engines_dir / schema.engine_manifest_file
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (3.10)
+    info = {"gpu_name": gpu.name, "started_at": started}
+    all_profiles = planned.profiles()
+    files = {spec.name: schema.plan_file(spec.name, gpu.key) for spec in COMPONENTS}
+    entries = [
+        engine_entry(spec, gpu, files[spec.name], all_profiles[spec.name], info)
+        for spec in COMPONENTS
+    ]
     existing = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
-    engine_manifest = merge_engine_manifest(existing, manifest["model"], entries)
-    if not dry_run:
-        write_atomic(manifest_file, (json.dumps(engine_manifest, indent=2) + "\n").encode())
+    engine_manifest = merge_engine_manifest(
+        existing, planned.manifest["model"], entries, format_version=schema.format_of(ENGINES)
+    )
+    schema.check(ENGINES, engine_manifest, manifest_file)
+    engines_dir.mkdir(exist_ok=True)
+    cache = timing_cache or DEFAULT_TIMING_CACHE_DIR / f"timing.{gpu.key}.cache"
+    for spec in COMPONENTS:
+        log.info(
+            "building %s for %s (%d profiles)", spec.name, gpu.key, len(all_profiles[spec.name])
+        )
+        plan_bytes = build_engine(
+            trt,
+            planned.weights / spec.filename,
+            all_profiles[spec.name],
+            cache,
+            int(workspace_gib * (1 << 30)),
+        )
+        write_atomic(engines_dir / files[spec.name], plan_bytes)
+    write_atomic(manifest_file, (json.dumps(engine_manifest, indent=2) + "\n").encode())
     return engine_manifest

@@ -25,6 +25,7 @@ BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 
 def clip_bpe_path() -> Path:
+    """CLIP's BPE merges file, as the open-clip-torch package ships it."""
     spec = importlib.util.find_spec("open_clip")  # located, never imported: its deps are absent
     if spec is None or not spec.submodule_search_locations:
         raise ExportError(

@@ -1,11 +1,15 @@
-"""The model config Triton loads: committed config.pbtxt + deployment overrides + identity.
+"""The model config Triton loads: committed config.pbtxt + deployment overrides + the values
+copied from the weights' manifest.
 
 `python -m export config` writes `<model>/configs/exported.pbtxt`, which Triton loads with
 `--model-config-name=exported`. It starts from the committed config.pbtxt (the source of
-truth for tensor names), applies what a deployment tunes (runtime, instance kind and count,
-batch size, queue delay, parameters) and adds the published model's name and version from
-its manifest, so clients can read them from Triton's model config. The ONNX export writes it
-too; a Kubernetes init container rewrites it with the node's settings.
+truth for tensor names and the generation contract), applies what a deployment tunes
+(runtime, instance kind and count, batch size, queue delay, parameters) and adds, from the
+published weights' manifest, the model's name and version and the contract values the
+weights fix (`size_multiple`, `default_size`, `max_prompt_tokens`), so clients read them
+from Triton's model config. The ONNX export writes it too; a Kubernetes init container
+rewrites it with the node's settings. The model refuses a config whose copies differ from
+its weights.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.errors import ExportError
+from export.weights_schema import WeightsSchema
 
 EXPORTED_CONFIG = "exported"
 INSTANCE_KINDS = {"KIND_CPU", "KIND_GPU"}
@@ -37,6 +43,7 @@ class ConfigOverrides:
     parameters: dict[str, str] = field(default_factory=dict)
 
     def apply(self, config: model_config_pb2.ModelConfig) -> model_config_pb2.ModelConfig:
+        """`config` with these overrides set (changed in place and returned)."""
         if self.instance_kind is not None and self.instance_kind not in INSTANCE_KINDS:
             raise ExportError(f"instance kind {self.instance_kind!r}: use {sorted(INSTANCE_KINDS)}")
         if self.max_batch_size is not None:
@@ -57,22 +64,46 @@ class ConfigOverrides:
 
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:
+    """A model config in Triton's text format."""
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def config_parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    """The config's parameters as Triton hands them to the model: name -> string."""
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def manifest_parameters(manifest: dict[str, Any], manifest_file: Path) -> dict[str, str]:
+    """The parameters copied from a weights manifest: model identity and contract values."""
+    try:
+        copied = {
+            "model_name": manifest["model"]["name"],
+            "model_version": manifest["model"]["version"],
+            **manifest["contract"],
+        }
+    except (KeyError, TypeError) as exc:
+        raise ExportError(
+            f"{manifest_file} lacks {exc}: it predates this export, re-run `python -m export onnx`"
+        ) from exc
+    return {key: str(value) for key, value in copied.items()}
 
 
 def write_exported_config(model_dir: Path, overrides: ConfigOverrides | None = None) -> Path:
     """configs/exported.pbtxt for the weights published under `model_dir/1/weights`."""
-    manifest_file = model_dir / "1" / "weights" / "manifest.json"
+    manifest_file = model_dir / "1" / "weights" / WeightsSchema.of_model(model_dir).manifest_file
     if not manifest_file.is_file():
         raise ExportError(f"{manifest_file} does not exist: export the model first")
-    identity = json.loads(manifest_file.read_text())["model"]
+    copied = manifest_parameters(json.loads(manifest_file.read_text()), manifest_file)
     config = (overrides or ConfigOverrides()).apply(read_config(model_dir / "config.pbtxt"))
-    config.parameters["model_name"].string_value = identity["name"]
-    config.parameters["model_version"].string_value = identity["version"]
+    for key, value in copied.items():
+        config.parameters[key].string_value = value
     target = model_dir / "configs" / f"{EXPORTED_CONFIG}.pbtxt"
     target.parent.mkdir(exist_ok=True)
     scratch = target.with_suffix(f".{uuid.uuid4().hex}")
-    header = "# Written by `python -m export`: config.pbtxt + overrides + model identity.\n"
+    header = (
+        "# Written by `python -m export config`: config.pbtxt + overrides + the values copied "
+        "from the weights' manifest.\n"
+    )
     scratch.write_text(header + text_format.MessageToString(config))
     os.replace(scratch, target)
     return target

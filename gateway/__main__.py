@@ -9,6 +9,7 @@ from gateway.settings import Settings
 
 
 def main() -> None:
+    """Serve the gateway with uvicorn until stopped."""
     settings = Settings()
     uvicorn.run(
         create_app(settings),

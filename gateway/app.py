@@ -5,31 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import job_routes, problems, web
-from gateway.assets import asset_store
-from gateway.cache import ResultCache
-from gateway.deps import Services
-from gateway.generation import Generator
-from gateway.idempotency import Idempotency
-from gateway.job_routes import add_weapon_job_route
-from gateway.jobs import JobStore
-from gateway.keys import KeyStore
+from gateway import problems
+from gateway.api import assets, health, images, jobs, keys, page
+from gateway.bodies import RequestBodies, document
+from gateway.contract import UnknownContract
 from gateway.problems import Problem
-from gateway.queue import JobQueue
-from gateway.ratelimit import RateLimiter
-from gateway.routes import add_weapon_route, check_dependencies, router
+from gateway.services import Services, open_services
 from gateway.settings import Settings
-from gateway.triton_client import AsyncTriton
-from gateway.weapons import WeaponTemplates
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +32,7 @@ class BodyLimit:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse a declared or streamed body over the limit; pass everything else on."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         too_large = Problem(
@@ -63,77 +55,71 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
-async def bootstrap_keys(keys: KeyStore, settings: Settings) -> None:
+async def bootstrap_keys(svc: Services) -> None:
     """The dev key and the keys file, retried until Redis answers."""
+    settings = svc.settings
     while True:
         try:
             if settings.dev_api_key:
-                await keys.create(
+                await svc.keys.create(
                     "dev", ("generate", "admin"), "standard", secret=settings.dev_api_key
                 )
             if settings.api_keys_file:
-                await keys.load_file(settings.api_keys_file)
+                await svc.keys.load_file(settings.api_keys_file)
             return
         except RedisError as exc:
             log.warning("cannot load API keys yet (%r); retrying", exc)
             await asyncio.sleep(2)
 
 
-async def watch_dependencies(services: Services) -> None:
+async def watch_dependencies(svc: Services) -> None:
     """Keep forge_dependency_up current between readiness probes (alerts read it)."""
     while True:
-        await check_dependencies(services)
-        await asyncio.sleep(services.settings.dependency_check_s)
+        await health.check_dependencies(svc)
+        await asyncio.sleep(svc.settings.dependency_check_s)
+
+
+def contract_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """`app.openapi`: FastAPI's document, its request bodies those of the contract in force.
+
+    Made again when the contract changes (another model version, other rules).
+    """
+    made_for: list[str | None] = [None]
+
+    def openapi() -> dict[str, Any]:
+        try:
+            bodies: RequestBodies | None = app.state.services.bodies.get()
+        except (AttributeError, UnknownContract):  # before the lifespan, or never seen
+            bodies = None
+        fingerprint = bodies.contract.fingerprint if bodies else None
+        if app.openapi_schema is None or made_for[0] != fingerprint:
+            app.openapi_schema = None
+            document(FastAPI.openapi(app), bodies)  # fills app.openapi_schema
+            made_for[0] = fingerprint
+        return FastAPI.openapi(app)  # the document kept in app.openapi_schema
+
+    return openapi
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway for `settings` (default: FORGE_ environment variables)."""
     settings = settings or Settings()
-    weapons = WeaponTemplates.load(settings.weapon_templates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=2)
-        triton = AsyncTriton(
-            settings.triton_grpc_url, settings.triton_timeout_s, settings.model_info_ttl_s
-        )
-        keys = KeyStore(redis)
-        app.state.services = Services(
-            settings=settings,
-            redis=redis,
-            triton=triton,
-            keys=keys,
-            limiter=RateLimiter(
-                settings.redis_url,
-                settings.rate_limit,
-                settings.rate_limit_by_tier,
-                settings.retry_after_s,
-            ),
-            idempotency=Idempotency(
-                redis, settings.idempotency_ttl_s, int(settings.triton_timeout_s) + 60
-            ),
-            generator=Generator(
-                triton,
-                asset_store(settings),
-                ResultCache(redis, settings.cache_ttl_s),
-                settings.public_base_url,
-                settings.retry_after_s,
-            ),
-            weapons=weapons,
-            jobs=JobStore(redis, settings.job_ttl_s),
-            queue=JobQueue(settings),
-        )
+        svc = app.state.services = open_services(settings)
+        await svc.contract.load()  # before serving: the first request has its rules
         background = [
-            asyncio.create_task(bootstrap_keys(keys, settings)),
-            asyncio.create_task(watch_dependencies(app.state.services)),
+            asyncio.create_task(svc.contract.watch(settings.contract_refresh_s)),
+            asyncio.create_task(bootstrap_keys(svc)),
+            asyncio.create_task(watch_dependencies(svc)),
         ]
         yield
         for task in background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await app.state.services.queue.close()
-        await triton.close()
-        await redis.aclose()
+        await svc.close()
 
     app = FastAPI(
         title="Crafterse Forge",
@@ -146,10 +132,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=False
     )
-    app.include_router(router)
-    app.include_router(web.router)  # the forge page at / (not in the OpenAPI document)
-    weapon_model = weapons.request_model()
-    add_weapon_route(app.router, weapon_model)
-    app.include_router(job_routes.router)
-    add_weapon_job_route(app.router, weapon_model)
+    for router in (images.router, jobs.router, assets.router, keys.router, health.router):
+        app.include_router(router)
+    app.include_router(page.router)  # the forge page at / (not in the OpenAPI document)
+    app.openapi = contract_openapi(app)  # type: ignore[method-assign]
     return app

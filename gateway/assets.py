@@ -22,10 +22,13 @@ MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}
 
 
 class InvalidKey(ValueError):
+    """A string that is not an asset key (so never a path)."""
+
     pass
 
 
 def make_key(data: bytes, fmt: str) -> str:
+    """The content key of `data`: its SHA-256 and the format's extension."""
     return f"{hashlib.sha256(data).hexdigest()}.{fmt}"
 
 
@@ -38,17 +41,27 @@ def parse_key(key: str) -> tuple[str, str]:
 
 
 class AssetStore(Protocol):
-    async def put(self, data: bytes, fmt: str) -> str: ...
-    async def get(self, key: str) -> bytes | None: ...
-    async def exists(self, key: str) -> bool: ...
+    """Where images live: put returns the content key; get and exists take it."""
+
+    async def put(self, data: bytes, fmt: str) -> str:
+        """Store `data` (once) and return its key."""
+
+    async def get(self, key: str) -> bytes | None:
+        """The bytes under `key`, or None."""
+
+    async def exists(self, key: str) -> bool:
+        """Whether `key` is stored."""
 
 
 class DirectoryStore:
+    """Assets as files under a directory, fanned out by the key's first two hex digits."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path:
+        """The file of `key` (InvalidKey for anything else)."""
         sha, _ = parse_key(key)
         return self.root / sha[:2] / key
 
@@ -65,11 +78,13 @@ class DirectoryStore:
         os.replace(scratch, target)
 
     async def put(self, data: bytes, fmt: str) -> str:
+        """Write the file atomically, once; return its key."""
         key = make_key(data, fmt)
         await asyncio.to_thread(self._write, key, data)
         return key
 
     async def get(self, key: str) -> bytes | None:
+        """The file's bytes, or None."""
         path = self.path(key)
         try:
             return await asyncio.to_thread(path.read_bytes)
@@ -77,6 +92,7 @@ class DirectoryStore:
             return None
 
     async def exists(self, key: str) -> bool:
+        """Whether the file exists."""
         return self.path(key).is_file()
 
 
@@ -94,6 +110,7 @@ class S3Store:
         return self.prefix + key
 
     async def put(self, data: bytes, fmt: str) -> str:
+        """PUT the object with immutable caching headers; return its key."""
         key = make_key(data, fmt)
         await asyncio.to_thread(
             self.client.put_object,
@@ -106,6 +123,7 @@ class S3Store:
         return key
 
     async def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None if there is no such key."""
         try:
             reply = await asyncio.to_thread(
                 self.client.get_object, Bucket=self.bucket, Key=self._name(key)
@@ -115,6 +133,7 @@ class S3Store:
         return bytes(await asyncio.to_thread(reply["Body"].read))
 
     async def exists(self, key: str) -> bool:
+        """Whether HEAD finds the object."""
         try:
             await asyncio.to_thread(
                 self.client.head_object, Bucket=self.bucket, Key=self._name(key)

@@ -12,17 +12,22 @@ PREFIX = "forge:cache:"
 
 
 def cache_key(model_version: str, params: dict[str, Any]) -> str:
+    """The Redis key of a result: a hash of the model version and the parameters."""
     canonical = json.dumps({"model_version": model_version, **params}, sort_keys=True)
     return PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class ResultCache:
+    """Results by model version and parameters, with a TTL."""
+
     def __init__(self, redis: Redis, ttl_s: int) -> None:
         self.redis, self.ttl_s = redis, ttl_s
 
     async def get(self, model_version: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The stored result, or None."""
         raw = await self.redis.get(cache_key(model_version, params))
         return None if raw is None else dict(json.loads(raw))
 
     async def put(self, model_version: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        """Remember a result for the cache TTL."""
         await self.redis.set(cache_key(model_version, params), json.dumps(result), ex=self.ttl_s)

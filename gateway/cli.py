@@ -7,7 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.triton_client import ImageParams, generate
+import httpx
+from redis.exceptions import RedisError
+
+from gateway.triton_client import ImageParams, ModelError, generate
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -33,8 +36,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _weapon(args: argparse.Namespace) -> int:
     """A weapon through the gateway (the public API), saved as the image it returns."""
-    import httpx
-
     key = args.key or args.key_file.read_text().strip()
     body = {
         k: v
@@ -98,6 +99,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the command; the exit status."""
     parser = argparse.ArgumentParser(prog="python -m gateway.cli")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="call Triton's stable_diffusion model, write a PNG")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except Exception as exc:  # tritonclient raises InferenceServerException and socket errors
+    except (ModelError, OSError, RedisError, httpx.HTTPError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

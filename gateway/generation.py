@@ -1,6 +1,8 @@
-"""From a validated request to a stored image: cache, Triton, encoding, asset store.
+"""From a resolved image request to a stored image: cache, Triton, encoding, asset store.
 
-Used by the sync API and by the Kafka workers, so both produce the same results.
+Used by the sync API and by the Kafka workers, so both produce the same results. Failures
+leave as the triton_client's `ModelError`s (or the store's and Redis's own errors): the HTTP
+edge and the worker each map them in one place.
 """
 
 from __future__ import annotations
@@ -8,21 +10,20 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tritonclient.utils import InferenceServerException
 
 from gateway import metrics
 from gateway.assets import AssetStore
 from gateway.cache import ResultCache
-from gateway.problems import from_triton
-from gateway.schemas import ImageOptions, ImageResult, ModelInfo, Timings
-from gateway.triton_client import AsyncTriton, ImageParams
+from gateway.contract import ContractBook
+from gateway.schemas import ImageResult, ImageSpec, ModelInfo, Timings
+from gateway.triton_client import AsyncTriton, ImageParams, ModelError
 
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    """PNG or WebP bytes of an HxWx3 uint8 image."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -33,66 +34,46 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-@dataclass(frozen=True)
-class Job:
-    """What to generate: words plus options (a /v1/images or /v1/weapons body, resolved)."""
+def triton_params(spec: ImageSpec) -> ImageParams:
+    """The model's inputs for a resolved request: every value explicit but a missing seed."""
+    return ImageParams(**spec.model_dump(exclude={"format"}))
 
-    prompt: str
-    negative_prompt: str
-    options: ImageOptions
 
-    def params(self, seed: int | None) -> ImageParams:
-        o = self.options
-        return ImageParams(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            seed=seed,
-            steps=o.steps,
-            guidance_scale=o.guidance_scale,
-            width=o.width,
-            height=o.height,
-            scheduler=o.scheduler,
-        )
-
-    def cache_params(self, seed: int) -> dict[str, Any]:
-        return {
-            **self.options.model_dump(exclude={"seed"}),
-            "seed": seed,
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-        }
+def cache_params(spec: ImageSpec, seed: int) -> dict[str, Any]:
+    """What identifies an image for the cache, besides the model version."""
+    return spec.model_dump(exclude={"seed"}) | {"seed": seed}
 
 
 class Generator:
+    """Makes or finds the image of an ImageSpec and stores it under its content key."""
+
     def __init__(
         self,
         triton: AsyncTriton,
+        contract: ContractBook,
         assets: AssetStore,
         cache: ResultCache,
         public_base_url: str,
-        retry_after_s: int,
     ) -> None:
-        self.triton, self.assets, self.cache = triton, assets, cache
+        self.triton, self.contract, self.assets, self.cache = triton, contract, assets, cache
         self.public_base_url = public_base_url.rstrip("/")
-        self.retry_after_s = retry_after_s
 
     def asset_url(self, key: str) -> str:
+        """The public URL of an asset (relative, or under the CDN's base URL)."""
         return f"{self.public_base_url}/assets/{key}"
 
-    async def model(self) -> ModelInfo:
-        try:
-            identity = await self.triton.identity()
-        except InferenceServerException as exc:
-            raise from_triton(exc, self.retry_after_s) from exc
-        return ModelInfo(name=identity.name, version=identity.version)
+    def model(self) -> ModelInfo:
+        """The model in force (UnknownContract if it was never seen)."""
+        contract = self.contract.current
+        return ModelInfo(name=contract.model_name, version=contract.model_version)
 
-    async def cached(self, job: Job) -> ImageResult | None:
+    async def cached(self, spec: ImageSpec) -> ImageResult | None:
         """The stored result for a request with an explicit seed made before, if any."""
-        if job.options.seed is None:
+        if spec.seed is None:
             return None
         start = time.perf_counter()
-        model = await self.model()
-        hit = await self.cache.get(model.version, job.cache_params(job.options.seed))
+        model = self.model()
+        hit = await self.cache.get(model.version, cache_params(spec, spec.seed))
         if hit is not None and await self.assets.exists(hit["id"]):
             metrics.CACHE_REQUESTS.labels("hit").inc()
             total = (time.perf_counter() - start) * 1000
@@ -102,22 +83,21 @@ class Generator:
         metrics.CACHE_REQUESTS.labels("miss").inc()
         return None
 
-    async def generate(self, job: Job, *, source: str) -> ImageResult:
-        """Call Triton, store the image, remember it in the cache; errors as Problems."""
+    async def generate(self, spec: ImageSpec, *, source: str) -> ImageResult:
+        """Call Triton, store the image, remember it in the cache."""
         start = time.perf_counter()
         outcome = "error"
         try:
-            model = await self.model()
+            model = self.model()
             try:
-                (image,) = await self.triton.generate([job.params(job.options.seed)])
-            except InferenceServerException as exc:
-                metrics.TRITON_ERRORS.labels(str(exc.status())).inc()
-                problem = from_triton(exc, self.retry_after_s)
-                outcome = "invalid" if problem.status == 422 else "unavailable"
-                raise problem from exc
+                (image,) = await self.triton.generate([triton_params(spec)])
+            except ModelError as exc:
+                metrics.TRITON_ERRORS.labels(exc.status or type(exc).__name__).inc()
+                outcome = exc.outcome
+                raise
             generated = time.perf_counter()
-            data = await asyncio.to_thread(encode, image.pixels, job.options.format)
-            key = await self.assets.put(data, job.options.format)
+            data = await asyncio.to_thread(encode, image.pixels, spec.format)
+            key = await self.assets.put(data, spec.format)
             height, width = image.pixels.shape[:2]
             result = ImageResult(
                 id=key,
@@ -125,10 +105,10 @@ class Generator:
                 asset_url=self.asset_url(key),
                 width=width,
                 height=height,
-                format=job.options.format,
+                format=spec.format,
                 model=model,
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt,
                 cached=False,
                 timings=Timings(
                     generation_ms=(generated - start) * 1000,
@@ -137,7 +117,7 @@ class Generator:
             )
             await self.cache.put(
                 model.version,
-                job.cache_params(image.seed),
+                cache_params(spec, image.seed),
                 result.model_dump(exclude={"cached", "timings"}),
             )
             outcome = "success"

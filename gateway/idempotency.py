@@ -22,10 +22,13 @@ VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 def fingerprint(path: str, body: dict[str, Any]) -> str:
+    """A hash of the route and the validated body: what a replay must match."""
     return hashlib.sha256(json.dumps([path, body], sort_keys=True).encode()).hexdigest()
 
 
 class Idempotency:
+    """Idempotency-Key records in Redis, per API key."""
+
     def __init__(self, redis: Redis, ttl_s: int, in_flight_ttl_s: int) -> None:
         self.redis, self.ttl_s, self.in_flight_ttl_s = redis, ttl_s, in_flight_ttl_s
 
@@ -65,8 +68,10 @@ class Idempotency:
     async def complete(
         self, api_key_id: str, key: str, print_: str, result: dict[str, Any]
     ) -> None:
+        """Store the result under the key, for replays until the TTL."""
         value = json.dumps({"fingerprint": print_, "state": "done", "result": result})
         await self.redis.set(self._name(api_key_id, key), value, ex=self.ttl_s)
 
     async def release(self, api_key_id: str, key: str) -> None:
+        """Give the key up after a failure, so that the client can retry."""
         await self.redis.delete(self._name(api_key_id, key))

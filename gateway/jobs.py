@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from gateway.schemas import ImageOptions, ImageResult, JobItem, JobStatus
+from gateway.schemas import ImageResult, ImageSpec, JobItem, JobStatus
 
 PREFIX = "forge:job:"
 TERMINAL = ("succeeded", "failed")
@@ -27,9 +27,7 @@ class JobMessage(BaseModel):
     job_id: str
     index: int
     api_key_id: str
-    prompt: str
-    negative_prompt: str
-    options: ImageOptions
+    spec: ImageSpec = Field(description="the image, resolved and seeded at submission")
     submitted_at: float
     topic: str = Field(description="the request topic it was first sent to")
     attempt: int = 0
@@ -37,6 +35,7 @@ class JobMessage(BaseModel):
 
     @property
     def key(self) -> bytes:
+        """The Kafka message key: job and item, so an item's retries share a partition."""
         return f"{self.job_id}:{self.index}".encode()
 
 
@@ -45,16 +44,20 @@ def _text(value: bytes | str) -> str:
 
 
 def new_job_id() -> str:
+    """A fresh, unguessable job id."""
     return f"job_{uuid.uuid4().hex}"
 
 
 class JobStore:
+    """Job state in Redis: one hash per job, a field per item, expiring with the job."""
+
     def __init__(self, redis: Redis, ttl_s: int) -> None:
         self.redis, self.ttl_s = redis, ttl_s
 
     async def create(
         self, job_id: str, api_key_id: str, count: int, priority: str, callback_url: str | None
     ) -> None:
+        """Record a new job with every item queued."""
         now = time.time()
         meta = {
             "api_key_id": api_key_id,
@@ -75,13 +78,16 @@ class JobStore:
             await pipe.execute()
 
     async def delete(self, job_id: str) -> None:
+        """Forget a job (one that was never accepted)."""
         await self.redis.delete(PREFIX + job_id)
 
     async def meta(self, job_id: str) -> dict[str, Any] | None:
+        """The job's owner, size, priority and callback, or None."""
         raw = await self.redis.hget(PREFIX + job_id, "meta")
         return None if raw is None else dict(json.loads(raw))
 
     async def item(self, job_id: str, index: int) -> dict[str, Any] | None:
+        """One item's state, or None."""
         raw = await self.redis.hget(PREFIX + job_id, f"item:{index}")
         return None if raw is None else dict(json.loads(raw))
 
@@ -95,6 +101,7 @@ class JobStore:
         result: ImageResult | None = None,
         error: str | None = None,
     ) -> None:
+        """Write one item's state."""
         value = {
             "status": status,
             "attempts": attempts,
@@ -112,6 +119,7 @@ class JobStore:
         return bool(await self.redis.hsetnx(PREFIX + job_id, "callback", str(time.time())))
 
     async def status(self, job_id: str) -> JobStatus | None:
+        """The job with its items, its state derived from theirs; None if unknown."""
         raw = await self.redis.hgetall(PREFIX + job_id)
         if not raw:
             return None

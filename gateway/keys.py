@@ -23,15 +23,19 @@ PREFIX = "forge:apikey:"
 
 
 def digest(key: str) -> str:
+    """SHA-256 of a key's secret, in hex: all Redis ever holds."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 def key_id(key_digest: str) -> str:
+    """The id of a key: the first 16 hex digits of its digest."""
     return key_digest[:16]
 
 
 @dataclass(frozen=True)
 class ApiKey:
+    """A key's record: who, what it may do, its queue tier, whether revoked."""
+
     id: str
     name: str
     sha256: str
@@ -47,15 +51,19 @@ class ApiKey:
             raise ValueError(f"unknown tier {self.tier!r}; known: {', '.join(TIERS)}")
 
     def public(self) -> dict[str, object]:
+        """The record without its hash, as the admin API shows it."""
         return {k: v for k, v in asdict(self).items() if k != "sha256"}
 
 
 @dataclass
 class KeyStore:
+    """API keys in Redis, by id."""
+
     redis: Redis
     _cache: dict[str, ApiKey] = field(default_factory=dict)
 
     async def save(self, key: ApiKey) -> None:
+        """Write a key's record."""
         await self.redis.set(PREFIX + key.id, json.dumps(asdict(key)))
 
     async def create(
@@ -73,6 +81,7 @@ class KeyStore:
         return secret, record
 
     async def get(self, id_: str) -> ApiKey | None:
+        """The record of a key id, or None."""
         raw = await self.redis.get(PREFIX + id_)
         if raw is None:
             return None
@@ -89,6 +98,7 @@ class KeyStore:
         return record
 
     async def revoke(self, id_: str) -> bool:
+        """Mark a key revoked; False if there is no such key."""
         record = await self.get(id_)
         if record is None:
             return False
@@ -96,6 +106,7 @@ class KeyStore:
         return True
 
     async def list(self) -> list[ApiKey]:
+        """Every key, by name."""
         keys = []
         async for name in self.redis.scan_iter(match=PREFIX + "*"):
             record = await self.get(name.decode().removeprefix(PREFIX))

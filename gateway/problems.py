@@ -11,7 +11,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from tritonclient.utils import InferenceServerException
+
+from gateway.contract import UnknownContract
+from gateway.queue import QueueUnavailable
+from gateway.triton_client import (
+    ModelCancelled,
+    ModelError,
+    ModelFailed,
+    ModelRejected,
+    ModelUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,7 @@ class Problem(Exception):
         self.extra = extra
 
     def response(self, instance: str) -> JSONResponse:
+        """The problem details response, `instance` being the request's path."""
         body = {
             "type": "about:blank",
             "title": self.title,
@@ -50,27 +60,25 @@ class Problem(Exception):
 
 
 def unavailable(detail: str, retry_after_s: int) -> Problem:
+    """503 with Retry-After: a dependency is away, the client should try again."""
     return Problem(503, "Service Unavailable", detail, headers={"Retry-After": str(retry_after_s)})
 
 
-def from_triton(exc: InferenceServerException, retry_after_s: int) -> Problem:
-    """Triton's status codes: the client's fault is 422, a busy or absent server 503."""
-    status = str(exc.status() or "")
-    message = exc.message() or str(exc)
-    if "INVALID_ARG" in status or status == "400":
-        return Problem(422, "Invalid generation parameters", message)
-    if (
-        any(
-            code in status
-            for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "NOT_FOUND")
-        )
-        or not status
-    ):
-        return unavailable(f"the image model is unavailable: {message}", retry_after_s)
-    return Problem(502, "Image generation failed", message)
+def from_model(exc: ModelError, retry_after_s: int) -> Problem:
+    """The model's refusal is the client's fault (422); its absence 503; a failure 502."""
+    if isinstance(exc, ModelRejected):
+        return Problem(422, "Invalid generation parameters", exc.message)
+    if isinstance(exc, ModelUnavailable):
+        return unavailable(f"the image model is unavailable: {exc.message}", retry_after_s)
+    if isinstance(exc, ModelCancelled):
+        return Problem(499, "Client Closed Request", exc.message)
+    assert isinstance(exc, ModelFailed)
+    return Problem(502, "Image generation failed", exc.message)
 
 
 def install(app: FastAPI, retry_after_s: int) -> None:
+    """Register the handlers that turn every error into problem details."""
+
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return exc.response(request.url.path)
@@ -90,6 +98,20 @@ def install(app: FastAPI, retry_after_s: int) -> None:
             exc.status_code, _title(exc.status_code), str(exc.detail), headers=headers
         )
         return problem.response(request.url.path)
+
+    @app.exception_handler(ModelError)
+    async def _model(request: Request, exc: ModelError) -> JSONResponse:
+        return from_model(exc, retry_after_s).response(request.url.path)
+
+    @app.exception_handler(UnknownContract)
+    async def _no_contract(request: Request, exc: UnknownContract) -> JSONResponse:
+        return unavailable(str(exc), retry_after_s).response(request.url.path)
+
+    @app.exception_handler(QueueUnavailable)
+    async def _queue(request: Request, exc: QueueUnavailable) -> JSONResponse:
+        return unavailable(f"the job queue is unavailable ({exc})", retry_after_s).response(
+            request.url.path
+        )
 
     @app.exception_handler(RedisError)
     async def _redis(request: Request, exc: RedisError) -> JSONResponse:

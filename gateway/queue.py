@@ -8,11 +8,14 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from gateway.problems import unavailable
 from gateway.settings import Settings
 from gateway.topics import ensure_topics
 
 log = logging.getLogger(__name__)
+
+
+class QueueUnavailable(Exception):
+    """The broker did not take a message; the text names the error."""
 
 
 class JobQueue:
@@ -24,6 +27,7 @@ class JobQueue:
         self._lock = asyncio.Lock()
 
     async def producer(self) -> AIOKafkaProducer:
+        """The started producer (started, and the topics made, on first use)."""
         async with self._lock:
             if self._producer is None:
                 producer = AIOKafkaProducer(
@@ -43,17 +47,16 @@ class JobQueue:
             return self._producer
 
     async def send(self, topic: str, key: bytes, value: bytes) -> None:
-        """Send and wait for the broker's acknowledgement (acks=all), or raise 503."""
+        """Send and wait for the broker's acknowledgement (acks=all), or QueueUnavailable."""
         try:
             producer = await self.producer()
             await producer.send_and_wait(topic, value=value, key=key)
         except (KafkaError, OSError) as exc:
             log.warning("kafka send to %s failed: %r", topic, exc)
-            raise unavailable(
-                f"the job queue is unavailable ({type(exc).__name__})", self.settings.retry_after_s
-            ) from exc
+            raise QueueUnavailable(type(exc).__name__) from exc
 
     async def close(self) -> None:
+        """Flush and stop the producer, if it was started."""
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None

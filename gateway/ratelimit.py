@@ -1,9 +1,11 @@
 """Per-key rate limits in Redis, charged by cost, atomic under concurrency (`limits`).
 
-One unit of cost is one denoising step at 512x512; a request costs steps x pixels / 512^2,
-at least 1. The sliding-window counter runs as one Lua script in Redis, so N parallel
-requests against a limit of K units let exactly K units through. If Redis is unreachable,
-generation fails closed: 503 with Retry-After, never unlimited.
+One unit of cost is one guided denoising step at 512x512 (two UNet passes); an unguided
+step (guidance_scale at or below the contract's `unguided_at_most`: one pass) is half a unit.
+A request costs steps x passes x pixels / (2 x 512^2), rounded up, at least 1. The
+sliding-window counter runs as one Lua script in Redis, so N parallel requests against a
+limit of K units let exactly K units through. If Redis is unreachable, generation fails
+closed: 503 with Retry-After, never unlimited.
 """
 
 from __future__ import annotations
@@ -17,17 +19,23 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from gateway import metrics
+from gateway.contract import GenerationContract
 from gateway.problems import Problem, unavailable
+from gateway.schemas import ImageSpec
 
 UNIT_PIXELS = 512 * 512
 
 
-def cost(steps: int, width: int, height: int) -> int:
-    return max(1, math.ceil(steps * width * height / UNIT_PIXELS))
+def cost(spec: ImageSpec, contract: GenerationContract) -> int:
+    """The units one image costs: its UNet passes and pixels, as the module docstring says."""
+    passes = 1 if spec.guidance_scale <= contract.unguided_at_most else 2
+    return max(1, math.ceil(spec.steps * passes * spec.width * spec.height / (2 * UNIT_PIXELS)))
 
 
 @dataclass(frozen=True)
 class Charge:
+    """What a request took from its key's window, as RateLimit headers report it."""
+
     limit: int
     remaining: int
     reset_s: int
@@ -44,6 +52,8 @@ class Charge:
 
 
 class RateLimiter:
+    """Sliding-window limits per API key, in cost units, by the key's tier."""
+
     def __init__(
         self, redis_url: str, default: str, by_tier: dict[str, str], retry_after_s: int
     ) -> None:
@@ -59,6 +69,7 @@ class RateLimiter:
         self.retry_after_s = retry_after_s
 
     def item(self, tier: str) -> RateLimitItem:
+        """The limit of a tier (the default limit for a tier without its own)."""
         return self.by_tier.get(tier, self.default)
 
     async def charge(self, key_id: str, tier: str, units: int) -> Charge:

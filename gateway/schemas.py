@@ -1,4 +1,8 @@
-"""Request and response bodies of the public API (the OpenAPI document is made from these)."""
+"""Response bodies, the fixed request bodies, and the resolved form of an image request.
+
+The image request bodies themselves (bounds, defaults, scheduler enum) are built from the
+model's generation contract in `gateway.bodies`; what is here does not depend on it.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SEED_MAX = 2**63 - 1
 Format = Literal["png", "webp"]
-Scheduler = Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m", "lcm", "pndm"]
+Priority = Literal["priority", "standard", "bulk"]
+ItemStatus = Literal["queued", "running", "succeeded", "failed"]
 
 
 class Strict(BaseModel):
@@ -17,43 +21,42 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ImageOptions(Strict):
-    """How to draw: everything but the words. Absent size: the model's default size."""
+class ImageSpec(BaseModel):
+    """One image to generate, every value resolved (the contract's defaults filled in).
 
-    seed: int | None = Field(
-        None,
-        ge=0,
-        le=SEED_MAX,
-        description="same seed and parameters, same image; random if absent",
-    )
-    steps: int = Field(25, ge=1, le=150, description="denoising steps")
-    guidance_scale: float = Field(
-        7.5, ge=0.0, le=30.0, description="prompt adherence; at most 1 disables guidance"
-    )
-    width: int | None = Field(None, ge=64, le=1024, multiple_of=8)
-    height: int | None = Field(None, ge=64, le=1024, multiple_of=8)
-    scheduler: Scheduler = "dpmpp_2m"
-    format: Format = "png"
+    What the sync API and the job workers hand to Triton, what the cache keys on and what a
+    job message carries. `seed` None lets the model draw one (sync requests only: a job's
+    seed is drawn at submission so that a redelivered item makes the same image).
+    """
 
-
-class ImageRequest(ImageOptions):
-    prompt: str = Field(
-        min_length=1, max_length=2000, description="at most 77 CLIP tokens (longer prompts get 422)"
-    )
-    negative_prompt: str = Field("", max_length=2000)
+    prompt: str
+    negative_prompt: str
+    seed: int | None
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+    format: Format
 
 
 class ModelInfo(BaseModel):
+    """The exported model that made an image."""
+
     name: str
     version: str
 
 
 class Timings(BaseModel):
+    """Where a request's time went, in milliseconds."""
+
     generation_ms: float = Field(description="Triton call, 0 for a cache hit")
     total_ms: float
 
 
 class ImageResult(BaseModel):
+    """A generated (or cached) image: its asset and what made it."""
+
     id: str = Field(description="the content key of the asset")
     seed: int
     asset_url: str
@@ -79,12 +82,16 @@ class ProblemDetails(BaseModel):
 
 
 class KeyRequest(Strict):
+    """A new API key: its name, scopes and tier."""
+
     name: str = Field(min_length=1, max_length=100)
     scopes: list[Literal["generate", "admin"]] = Field(default=["generate"], min_length=1)
-    tier: Literal["priority", "standard", "bulk"] = "standard"
+    tier: Priority = "standard"
 
 
 class KeyInfo(BaseModel):
+    """An API key as listed (never its secret)."""
+
     id: str
     name: str
     scopes: list[str]
@@ -93,14 +100,14 @@ class KeyInfo(BaseModel):
 
 
 class CreatedKey(KeyInfo):
+    """A key just made, with its secret, shown this once."""
+
     key: str = Field(description="the secret; shown only once")
 
 
-Priority = Literal["priority", "standard", "bulk"]
-ItemStatus = Literal["queued", "running", "succeeded", "failed"]
-
-
 class JobOptions(Strict):
+    """What a job adds to its images: where to call back and which queue."""
+
     callback_url: str | None = Field(
         None,
         max_length=2000,
@@ -112,11 +119,9 @@ class JobOptions(Strict):
     )
 
 
-class ImageJobRequest(JobOptions):
-    images: list[ImageRequest] = Field(min_length=1, description="one image per entry")
-
-
 class JobItem(BaseModel):
+    """One image of a job and its state."""
+
     index: int
     status: ItemStatus
     result: ImageResult | None = None
@@ -125,6 +130,8 @@ class JobItem(BaseModel):
 
 
 class JobStatus(BaseModel):
+    """A job: its items and the state derived from them."""
+
     id: str
     status: ItemStatus
     created_at: float

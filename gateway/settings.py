@@ -9,6 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
+    """Every setting of the gateway and the worker; FORGE_<NAME> sets <name>."""
+
     model_config = SettingsConfigDict(env_prefix="FORGE_", extra="ignore")
 
     # Where things are
@@ -30,13 +32,13 @@ class Settings(BaseSettings):
     # Generation
     triton_timeout_s: float = 120.0
     retry_after_s: int = 5
-    max_body_bytes: int = 16_384
-    # Used for the rate-limit cost when a request leaves the size to the model.
-    assumed_size: int = 512
-    model_info_ttl_s: float = 10.0
+    # Above the largest valid body (a job of max_job_items entries with the longest prompts).
+    max_body_bytes: int = 1_048_576
+    # How often the model's generation contract is read again from Triton.
+    contract_refresh_s: float = 10.0
     dependency_check_s: float = 10.0  # how often forge_dependency_up is refreshed
 
-    # Rate limits, in cost units: one unit is one step at 512x512 (steps x pixels / 512^2).
+    # Rate limits, in cost units: one unit is one guided step at 512x512 (gateway.ratelimit).
     rate_limit: str = "2000/minute"
     rate_limit_by_tier: dict[str, str] = {"priority": "6000/minute", "bulk": "1000/minute"}
 

@@ -18,23 +18,29 @@ TIERS = ("priority", "standard", "bulk")  # highest first
 
 @dataclass(frozen=True)
 class Topics:
+    """The Kafka topic names under one prefix."""
+
     prefix: str
 
     def requests(self, tier: str) -> str:
+        """The request topic of a tier."""
         if tier not in TIERS:
             raise ValueError(f"unknown tier {tier!r}")
         return f"{self.prefix}{tier}"
 
     @property
     def retry(self) -> str:
+        """Items waiting for another attempt."""
         return f"{self.prefix}retry"
 
     @property
     def results(self) -> str:
+        """One message per finished item."""
         return f"{self.prefix}results"
 
     @property
     def dead_letter(self) -> str:
+        """Items that failed for good, with why."""
         return f"{self.prefix}dead-letter"
 
     @property
@@ -44,9 +50,11 @@ class Topics:
 
     @property
     def all(self) -> list[str]:
+        """Every topic the forge uses."""
         return [*self.consumed, self.results, self.dead_letter]
 
     def rank(self, topic: str) -> int:
+        """A consumed topic's priority (0 first); past the last for others."""
         return self.consumed.index(topic) if topic in self.consumed else len(self.consumed)
 
 

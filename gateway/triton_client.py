@@ -1,15 +1,22 @@
-"""The one module that talks to Triton: the `stable_diffusion` tensor contract, over HTTP or gRPC.
+"""The one module that talks to Triton: the `stable_diffusion` tensors, its config, its errors.
 
-Names and types follow config.pbtxt in the model repository (and NVIDIA's Triton Stable
-Diffusion tutorial: `prompt` in, `generated_image` out).
+Tensor names and types are the model's (and NVIDIA's Triton Stable Diffusion tutorial's:
+`prompt` in, `generated_image` out). tritonclient is imported here and nowhere else in the
+gateway: its exceptions leave this module as the gateway's own `ModelError`s, so callers
+never depend on Triton's status strings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpc_aio
+from tritonclient.utils import InferenceServerException
 
 MODEL_NAME = "stable_diffusion"
 IMAGE_OUTPUT = "generated_image"
@@ -26,6 +33,62 @@ INPUT_TYPES: dict[str, tuple[str, Any]] = {
     "height": ("INT32", np.int32),
     "scheduler": ("BYTES", np.object_),
 }
+T = TypeVar("T")
+
+
+class ModelError(Exception):
+    """A Triton call that did not give images; the subclass says whose fault it was."""
+
+    outcome = "error"  # the forge_generation_seconds outcome label
+
+    def __init__(self, message: str, status: str = "") -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+class ModelRejected(ModelError):
+    """The model refused the request's values (INVALID_ARG): the client must change them."""
+
+    outcome = "invalid"
+
+
+class ModelUnavailable(ModelError):
+    """Triton or the model is absent, overloaded or past the deadline: try again later."""
+
+    outcome = "unavailable"
+
+
+class ModelFailed(ModelError):
+    """The model failed while generating (INTERNAL or an unexpected status)."""
+
+
+class ModelCancelled(ModelError):
+    """The request was cancelled before it finished."""
+
+    outcome = "cancelled"
+
+
+def translate(exc: InferenceServerException) -> ModelError:
+    """tritonclient's exception as the gateway's own error, by Triton's status code."""
+    status = str(exc.status() or "")
+    message = exc.message() or str(exc)
+    if "INVALID_ARG" in status or status == "400":
+        return ModelRejected(message, status)
+    if "CANCELLED" in status:
+        return ModelCancelled(message, status)
+    unavailable = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "NOT_FOUND")
+    if not status or any(code in status for code in unavailable):
+        return ModelUnavailable(message, status)
+    return ModelFailed(message, status)
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Re-raise tritonclient's exceptions as ModelErrors."""
+    try:
+        yield
+    except InferenceServerException as exc:
+        raise translate(exc) from exc
 
 
 @dataclass(frozen=True)
@@ -68,16 +131,20 @@ def make_inputs(module: Any, rows: list[ImageParams]) -> list[Any]:
 
 
 def make_outputs(module: Any) -> list[Any]:
+    """The two outputs every generation asks for: the images and the seeds used."""
     return [module.InferRequestedOutput(IMAGE_OUTPUT), module.InferRequestedOutput(SEED_OUTPUT)]
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    pixels: np.ndarray  # height x width x 3, uint8
+    """One image of a result: height x width x 3 uint8 pixels and the seed that drew it."""
+
+    pixels: np.ndarray
     seed: int
 
 
 def read_result(result: Any) -> list[GeneratedImage]:
+    """The images of an InferResult, one per row, in row order."""
     images = result.as_numpy(IMAGE_OUTPUT)
     seeds = result.as_numpy(SEED_OUTPUT).reshape(-1)
     return [GeneratedImage(img, int(s)) for img, s in zip(images, seeds, strict=True)]
@@ -86,33 +153,34 @@ def read_result(result: Any) -> list[GeneratedImage]:
 def generate(
     url: str, rows: list[ImageParams], *, protocol: str = "grpc", timeout_s: float = 600.0
 ) -> list[GeneratedImage]:
-    """Blocking call for command-line tools and tests; the gateway uses the async client."""
-    if protocol == "grpc":
-        import tritonclient.grpc as grpcclient
+    """Blocking call for command-line tools and tests; the gateway uses `AsyncTriton`."""
+    with translated():
+        if protocol == "grpc":
+            with grpcclient.InferenceServerClient(url) as client:
+                result = client.infer(
+                    MODEL_NAME,
+                    make_inputs(grpcclient, rows),
+                    outputs=make_outputs(grpcclient),
+                    client_timeout=timeout_s,
+                )
+        elif protocol == "http":
+            import tritonclient.http as httpclient  # imported here: it needs gevent
 
-        with grpcclient.InferenceServerClient(url) as client:
-            result = client.infer(
-                MODEL_NAME,
-                make_inputs(grpcclient, rows),
-                outputs=make_outputs(grpcclient),
-                client_timeout=timeout_s,
-            )
-    elif protocol == "http":
-        import tritonclient.http as httpclient
-
-        with httpclient.InferenceServerClient(url, network_timeout=timeout_s) as client:
-            result = client.infer(
-                MODEL_NAME, make_inputs(httpclient, rows), outputs=make_outputs(httpclient)
-            )
-    else:
-        raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
+            with httpclient.InferenceServerClient(url, network_timeout=timeout_s) as client:
+                result = client.infer(
+                    MODEL_NAME, make_inputs(httpclient, rows), outputs=make_outputs(httpclient)
+                )
+        else:
+            raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
     return read_result(result)
 
 
 @dataclass(frozen=True)
-class ModelIdentity:
-    name: str
-    version: str
+class ModelConfig:
+    """What the gateway reads from the model config Triton serves."""
+
+    parameters: dict[str, str]
+    max_batch_size: int
 
 
 class AsyncTriton:
@@ -122,42 +190,48 @@ class AsyncTriton:
     between denoising steps.
     """
 
-    def __init__(self, url: str, timeout_s: float, identity_ttl_s: float = 10.0) -> None:
-        import tritonclient.grpc.aio as grpc_aio
-
+    def __init__(self, url: str, timeout_s: float) -> None:
         self.client = grpc_aio.InferenceServerClient(url)
         self.timeout_s = timeout_s
-        self.identity_ttl_s = identity_ttl_s
-        self._identity: tuple[float, ModelIdentity] | None = None
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except InferenceServerException as exc:
+            raise translate(exc) from exc
 
     async def generate(self, rows: list[ImageParams]) -> list[GeneratedImage]:
-        import tritonclient.grpc as grpcclient
-
-        result = await self.client.infer(
-            MODEL_NAME,
-            make_inputs(grpcclient, rows),
-            outputs=make_outputs(grpcclient),
-            client_timeout=self.timeout_s,
+        """The rows' images, or a ModelError."""
+        result = await self._call(
+            lambda: self.client.infer(
+                MODEL_NAME,
+                make_inputs(grpcclient, rows),
+                outputs=make_outputs(grpcclient),
+                client_timeout=self.timeout_s,
+            )
         )
         return read_result(result)
 
-    async def identity(self) -> ModelIdentity:
-        """Name and version of the exported model, from the parameters of its Triton config."""
-        import time
-
-        now = time.monotonic()
-        if self._identity is None or now - self._identity[0] > self.identity_ttl_s:
-            reply = await self.client.get_model_config(MODEL_NAME, as_json=True, client_timeout=5.0)
-            parameters = reply["config"].get("parameters", {})
-            identity = ModelIdentity(
-                parameters.get("model_name", {}).get("string_value", "unknown"),
-                parameters.get("model_version", {}).get("string_value", "unknown"),
-            )
-            self._identity = (now, identity)
-        return self._identity[1]
+    async def model_config(self) -> ModelConfig:
+        """The parameters and batch size of the model config Triton serves."""
+        reply: dict[str, Any] = await self._call(
+            lambda: self.client.get_model_config(MODEL_NAME, as_json=True, client_timeout=5.0)
+        )
+        config = reply["config"]
+        return ModelConfig(
+            parameters={
+                name: value.get("string_value", "")
+                for name, value in config.get("parameters", {}).items()
+            },
+            max_batch_size=int(config.get("max_batch_size", 0)),
+        )
 
     async def ready(self) -> bool:
-        return bool(await self.client.is_model_ready(MODEL_NAME, client_timeout=2.0))
+        """Whether the model is loaded and ready for requests."""
+        return bool(
+            await self._call(lambda: self.client.is_model_ready(MODEL_NAME, client_timeout=2.0))
+        )
 
     async def close(self) -> None:
+        """Close the gRPC channel."""
         await self.client.close()

@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, create_model
-
-from gateway.schemas import ImageOptions
+from pydantic import BaseModel, Field
 
 REQUIRED = ("weapon_type", "material")
 OPTIONAL = ("element", "rarity", "style")
@@ -18,6 +16,8 @@ OPTIONAL = ("element", "rarity", "style")
 
 @dataclass(frozen=True)
 class WeaponTemplates:
+    """The studio's weapon templates: a prompt format, its fields' choices and defaults."""
+
     prompt: str
     negative_prompt: str
     fields: dict[str, dict[str, str]]
@@ -25,6 +25,7 @@ class WeaponTemplates:
 
     @classmethod
     def load(cls, path: Path) -> WeaponTemplates:
+        """Read and check a templates file (every field present, defaults among choices)."""
         data = yaml.safe_load(path.read_text())
         templates = cls(
             data["prompt"],
@@ -40,8 +41,8 @@ class WeaponTemplates:
                 raise ValueError(f"{path}: default {name}={value!r} is not one of its choices")
         return templates
 
-    def request_model(self) -> type[ImageOptions]:
-        """The /v1/weapons body, with the template's choices as enums in the OpenAPI document."""
+    def fields_schema(self) -> dict[str, Any]:
+        """The weapon fields of a request body: the template's choices as enums, free text."""
         fields: dict[str, Any] = {}
         for name in (*REQUIRED, *OPTIONAL):
             choices = Literal[tuple(self.fields[name])]  # type: ignore[valid-type]
@@ -51,9 +52,9 @@ class WeaponTemplates:
             str,
             Field("", max_length=120, description="free text, added to the prompt"),
         )
-        return create_model("WeaponRequest", __base__=ImageOptions, **fields)
+        return fields
 
-    def render(self, weapon: ImageOptions) -> tuple[str, str]:
+    def render(self, weapon: BaseModel) -> tuple[str, str]:
         """(prompt, negative prompt) for a validated weapon request."""
         phrases = {
             name: self.fields[name][getattr(weapon, name)] for name in (*REQUIRED, *OPTIONAL)

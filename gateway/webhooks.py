@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class DeliveryFailed(Exception):
+    """The receiver answered with a non-2xx status."""
+
     pass
 
 

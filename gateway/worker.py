@@ -24,18 +24,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from prometheus_client import start_http_server
 from pydantic import ValidationError
-from redis.asyncio import Redis
 
 from gateway import metrics
-from gateway.assets import asset_store
-from gateway.cache import ResultCache
-from gateway.generation import Generator, Job
-from gateway.jobs import JobMessage, JobStore
-from gateway.problems import Problem
-from gateway.queue import JobQueue
+from gateway.contract import UnknownContract
+from gateway.jobs import JobMessage
+from gateway.services import open_services
 from gateway.settings import Settings
 from gateway.topics import Topics, ensure_topics
-from gateway.triton_client import AsyncTriton
+from gateway.triton_client import ModelError, ModelRejected
 from gateway.webhooks import deliver
 
 log = logging.getLogger("gateway.worker")
@@ -45,31 +41,28 @@ class Rebalance(ConsumerRebalanceListener):
     """Offsets are committed after every batch, so a revoke loses no finished work."""
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Log the revoke and hand the lag metric to the new owner."""
         log.info("partitions revoked: %s", sorted(map(str, revoked)))
         for tp in revoked:  # its new owner reports the lag now
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(0)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Log the new assignment."""
         log.info("partitions assigned: %s", sorted(map(str, assigned)))
 
 
 class Worker:
+    """One member of the consumer group: polls, generates, stores, commits."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
-        self.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
-        self.triton = AsyncTriton(
-            settings.triton_grpc_url, settings.triton_timeout_s, settings.model_info_ttl_s
+        self.services = open_services(settings)
+        self.generator, self.jobs, self.queue = (
+            self.services.generator,
+            self.services.jobs,
+            self.services.queue,
         )
-        self.generator = Generator(
-            self.triton,
-            asset_store(settings),
-            ResultCache(self.redis, settings.cache_ttl_s),
-            settings.public_base_url,
-            settings.retry_after_s,
-        )
-        self.jobs = JobStore(self.redis, settings.job_ttl_s)
-        self.queue = JobQueue(settings)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=settings.consumer_group,
@@ -87,39 +80,52 @@ class Worker:
     # ---- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Consume until SIGTERM: the contract and topics first, then poll, handle, commit."""
+        await self.services.contract.load()
+        contract_watch = asyncio.create_task(
+            self.services.contract.watch(self.settings.contract_refresh_s)
+        )
+        try:
+            if await self._topics_ready():
+                await self._consume()
+        finally:
+            contract_watch.cancel()
+            await self._shutdown()
+
+    async def _topics_ready(self) -> bool:
+        """Make the topics, retrying while the broker is away; False if stopped first."""
         while True:
             try:
                 await ensure_topics(self.settings)
-                break
+                return True
             except Exception as exc:  # the broker is not up yet: keep trying until stopped
                 log.warning("broker not ready (%r); retrying", exc)
                 if await self._stopped_within(2.0):
-                    return
+                    return False
+
+    async def _consume(self) -> None:
         await self.consumer.start()
         self.consumer.subscribe(self.topics.consumed, listener=Rebalance())
         log.info(
             "worker consuming %s as group %s", self.topics.consumed, self.settings.consumer_group
         )
-        try:
-            while not self.stopping.is_set():
-                lags = await self._lags()  # once a poll: for the metric and the priorities
-                for tp, lag in lags.items():
-                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
-                self._prioritize(lags)
-                batch = await self.consumer.getmany(
-                    timeout_ms=500, max_records=self.settings.worker_concurrency
+        while not self.stopping.is_set():
+            lags = await self._lags()  # once a poll: for the metric and the priorities
+            for tp, lag in lags.items():
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+            self._prioritize(lags)
+            batch = await self.consumer.getmany(
+                timeout_ms=500, max_records=self.settings.worker_concurrency
+            )
+            records = sorted(
+                (r for rs in batch.values() for r in rs),
+                key=lambda r: (self.topics.rank(r.topic), r.timestamp),
+            )
+            if records:
+                await asyncio.gather(*(self.handle(r) for r in records))
+                await self.consumer.commit(
+                    {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
                 )
-                records = sorted(
-                    (r for rs in batch.values() for r in rs),
-                    key=lambda r: (self.topics.rank(r.topic), r.timestamp),
-                )
-                if records:
-                    await asyncio.gather(*(self.handle(r) for r in records))
-                    await self.consumer.commit(
-                        {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
-                    )
-        finally:
-            await self._shutdown()
 
     async def _stopped_within(self, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -147,14 +153,13 @@ class Worker:
         if self.callbacks:
             await asyncio.wait(self.callbacks, timeout=30)
         await self.consumer.stop()  # leaves the group: partitions move on at once
-        await self.queue.close()
-        await self.triton.close()
-        await self.redis.aclose()
+        await self.services.close()
         log.info("worker stopped")
 
     # ---- one item ---------------------------------------------------------------------------
 
     async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """One item: skip if done, generate, store, record; retry or fail on errors."""
         try:
             message = JobMessage.model_validate_json(record.value or b"")
         except ValidationError as exc:
@@ -177,15 +182,17 @@ class Worker:
         )
         metrics.JOBS_IN_FLIGHT.inc()
         try:
-            job = Job(message.prompt, message.negative_prompt, message.options)
-            result = await self.generator.cached(job) or await self.generator.generate(
-                job, source="job"
+            result = await self.generator.cached(message.spec) or await self.generator.generate(
+                message.spec, source="job"
             )
-        except Problem as problem:
-            if problem.status in (502, 503):
-                await self.retry(record, message, problem.detail)
-            else:
-                await self.fail(record, message, "invalid", problem.detail)
+        except ModelRejected as exc:
+            await self.fail(record, message, "invalid", exc.message)
+            return
+        except ModelError as exc:
+            await self.retry(record, message, f"the image model: {exc.message}")
+            return
+        except UnknownContract as exc:
+            await self.retry(record, message, str(exc))
             return
         except Exception as exc:  # Redis, the asset store, ...: try again later
             log.exception("item %s:%s failed", message.job_id, message.index)
@@ -214,6 +221,7 @@ class Worker:
     async def retry(
         self, record: ConsumerRecord[bytes, bytes], message: JobMessage, reason: str
     ) -> None:
+        """Back on the retry topic with backoff, or failed once the attempts are spent."""
         attempt = message.attempt + 1
         if attempt >= self.settings.max_attempts:
             await self.fail(
@@ -246,6 +254,7 @@ class Worker:
     async def fail(
         self, record: ConsumerRecord[bytes, bytes], message: JobMessage, reason: str, detail: str
     ) -> None:
+        """Fail the item for good: its state, the dead-letter topic, maybe the callback."""
         await self.jobs.set_item(
             message.job_id, message.index, "failed", attempts=message.attempt + 1, error=detail
         )
@@ -256,6 +265,7 @@ class Worker:
     async def dead_letter(
         self, record: ConsumerRecord[bytes, bytes], reason: str, detail: str
     ) -> None:
+        """The record, with why, on the dead-letter topic (for an operator to inspect)."""
         envelope: dict[str, Any] = {
             "reason": reason,
             "detail": detail,
@@ -280,6 +290,7 @@ class Worker:
         )
 
     async def maybe_callback(self, job_id: str) -> None:
+        """Once every item is done, one worker sends the signed callback (in the background)."""
         meta = await self.jobs.meta(job_id)
         if not meta or not meta.get("callback_url") or not self.settings.webhook_secret:
             return
@@ -305,6 +316,7 @@ class Worker:
 
 
 async def main() -> None:
+    """Run one worker until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
     start_http_server(settings.worker_metrics_port, addr=settings.host)

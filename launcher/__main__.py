@@ -1,122 +1,124 @@
-"""`python -m launcher up|down`: the local stack for `make up`, detached, tracked in var/run."""
+"""`python -m launcher`: start, extend, inspect and stop a local stack from the command line.
+
+    python -m launcher up [--state-dir DIR] [--services triton,redis,...] [--free-ports]
+                          [--env FORGE_X=VALUE ...] [--repository DIR] [--no-load] [--json]
+    python -m launcher add worker [--state-dir DIR] [--env FORGE_X=VALUE ...] [--json]
+    python -m launcher status [--state-dir DIR]
+    python -m launcher down [--state-dir DIR]
+    python -m launcher repository --out DIR
+
+`up` alone is `make up`: every service on the fixed ports of LauncherSettings (FORGE_*_PORT
+overrides them), state in var/. `--free-ports` gives each service a port of its own instead;
+`--json` prints the state file (where everything listens) instead of a summary. `repository`
+writes a fresh model repository with the committed model and no exported weights.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
-from typing import Any
+from dataclasses import asdict, replace
+from pathlib import Path
 
-from launcher.gateway import GatewayServer, WorkerServer
-from launcher.kafka import KafkaBroker
-from launcher.process import ServiceError, stop_pid
-from launcher.prometheus import AlertmanagerServer, PrometheusServer
-from launcher.redis import RedisServer
+from launcher.process import ServiceError
 from launcher.settings import LauncherSettings
-from launcher.triton import Triton
+from launcher.stack import SERVICES, StackState, add_worker, down, parse_env, parse_services, up
 
 
-def local_stack(settings: LauncherSettings, dev_key: str) -> list[tuple[str, Any]]:
-    """Every service of `make up`, in start order."""
-    host, state = settings.host, settings.state_dir
-    triton = Triton(
-        settings.model_repository,
-        state / "triton",
-        host=host,
-        http_port=settings.triton_http_port,
-        grpc_port=settings.triton_grpc_port,
-        metrics_port=settings.triton_metrics_port,
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launcher", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_state(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--state-dir", type=Path, help="state folder (default var, FORGE_STATE_DIR)")
+        return p
+
+    start = with_state(sub.add_parser("up", help="start services (all of make up by default)"))
+    start.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset")
+    start.add_argument("--free-ports", action="store_true", help="any free port for each")
+    start.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a FORGE_ setting for the gateway and workers (repeatable)",
     )
-    redis = RedisServer(state / "redis", port=settings.redis_port, host=host, persistent=True)
-    broker = KafkaBroker(state / "broker", port=settings.kafka_port, host=host)
-    env = {
-        "FORGE_TRITON_GRPC_URL": triton.grpc_url,
-        "FORGE_REDIS_URL": redis.url,
-        "FORGE_KAFKA_BOOTSTRAP": broker.bootstrap,
-        "FORGE_ASSET_DIR": str((state / "assets").resolve()),
-        "FORGE_DEV_API_KEY": dev_key,
-    }
-    gateway = GatewayServer(state / "gateway", env, port=settings.gateway_port, host=host)
-    worker = WorkerServer(state / "worker", env, port=settings.worker_metrics_port, host=host)
-    # Last: Prometheus scrapes the services above with the chart's rule files, and alerts
-    # through Alertmanager (the chart's routes).
-    alertmanager = AlertmanagerServer(
-        state / "alertmanager",
-        webhook_url=settings.alert_webhook_url,
-        port=settings.alertmanager_port,
-        host=host,
-    )
-    prometheus = PrometheusServer(
-        state / "prometheus",
-        {
-            "triton": [f"{host}:{settings.triton_metrics_port}"],
-            "gateway": [f"{host}:{settings.gateway_port}"],
-            "worker": [f"{host}:{settings.worker_metrics_port}"],
-        },
-        port=settings.prometheus_port,
-        host=host,
-        alertmanagers=[alertmanager.address],
-    )
-    return [
-        ("triton", triton),
-        ("redis", redis),
-        ("broker", broker),
-        ("gateway", gateway),
-        ("worker", worker),
-        ("alertmanager", alertmanager),
-        ("prometheus", prometheus),
-    ]
+    start.add_argument("--repository", type=Path, help="Triton model repository")
+    start.add_argument("--no-load", action="store_true", help="start Triton without the model")
+    start.add_argument("--json", action="store_true", help="print the state as JSON")
+    add = with_state(sub.add_parser("add", help="add a service to a running stack"))
+    add.add_argument("what", choices=["worker"])
+    add.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    add.add_argument("--json", action="store_true", help="print the new service as JSON")
+    with_state(sub.add_parser("status", help="print the state file (JSON)"))
+    with_state(sub.add_parser("down", help="stop every service of the stack"))
+    copy = sub.add_parser("repository", help="a fresh model repository without exports")
+    copy.add_argument("--out", type=Path, required=True)
+    return parser
 
 
-def up(settings: LauncherSettings) -> int:
-    if settings.run_file.exists():
-        print(f"already up ({settings.run_file}); run `make down` first", file=sys.stderr)
-        return 1
-    dev_key = settings.dev_api_key or f"fk_dev_{secrets.token_urlsafe(24)}"
-    started: dict[str, Any] = {}
-    try:
-        for name, server in local_stack(settings, dev_key):
-            server.start(detached=True)
-            started[name] = {
-                "pid": server.service.pid,
-                **server.describe(),
-                "log": str(server.service.log_file),
-            }
-            if isinstance(server, Triton):
-                server.load()
-    except ServiceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        for service in reversed(started.values()):
-            stop_pid(int(service["pid"]))
-        return 1
-    settings.run_file.parent.mkdir(parents=True, exist_ok=True)
-    settings.run_file.write_text(json.dumps(started, indent=2))
-    (settings.state_dir / "run" / "dev-api-key").write_text(dev_key + "\n")
-    for name, service in started.items():
-        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in service.items() if k != "pid"))
-    print(f"dev API key: {dev_key}")
+def _summary(state: StackState) -> None:
+    for name, record in state.services.items():
+        details = ", ".join(f"{k} {v}" for k, v in record.items() if k not in ("pid", "started_at"))
+        print(f"{name}: {details}")
+    print(f"dev API key: {state.dev_api_key}")
+
+
+def _up(args: argparse.Namespace, settings: LauncherSettings) -> int:
+    if args.free_ports:
+        settings = settings.with_free_ports()
+    if args.repository is not None:
+        settings = replace(settings, model_repository=args.repository)
+    state = up(
+        settings,
+        parse_services(args.services),
+        parse_env(args.env),
+        load_model=not args.no_load,
+    )
+    if args.json:
+        print(json.dumps(asdict(state), indent=2))
+    else:
+        _summary(state)
     return 0
 
 
-def down(settings: LauncherSettings) -> int:
-    if not settings.run_file.exists():
-        print("nothing to stop")
+def _run(args: argparse.Namespace) -> int:
+    settings = LauncherSettings.from_env()
+    if getattr(args, "state_dir", None) is not None:
+        settings = replace(settings, state_dir=args.state_dir)
+    if args.command == "up":
+        return _up(args, settings)
+    if args.command == "add":
+        name, state = add_worker(settings.state_dir, parse_env(args.env))
+        record = {"name": name, **state.services[name]}
+        print(json.dumps(record, indent=2) if args.json else f"{name}: {record['url']}")
         return 0
-    services = json.loads(settings.run_file.read_text())
-    for name, service in reversed(services.items()):
-        stopped = stop_pid(int(service["pid"]))
-        print(f"{name}: {'stopped' if stopped else 'was not running'}")
-    settings.run_file.unlink()
+    if args.command == "status":
+        current = StackState.load(settings.state_dir)
+        print(json.dumps(asdict(current) if current else None, indent=2))
+        return 0 if current else 1
+    if args.command == "down":
+        stopped = down(settings.state_dir)
+        for name, was_running in stopped:
+            print(f"{name}: {'stopped' if was_running else 'was not running'}")
+        if not stopped:
+            print("nothing to stop")
+        return 0
+    from launcher.triton import copy_model_repository
+
+    print(copy_model_repository(args.out))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher")
-    parser.add_argument("command", choices=["up", "down"])
-    args = parser.parse_args(argv)
-    settings = LauncherSettings()
-    return up(settings) if args.command == "up" else down(settings)
+    """Run one launcher command; errors are printed, with exit status 1 (2 for usage)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ServiceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
-"""A local redis-server (Debian's package), in memory only."""
+"""A local redis-server (Debian's package), in memory unless `persistent`.
+
+Ports: `redis-server --port 0` means "no TCP listener", so the port is picked free and
+checked to belong to the process started (`start_on_ports`); redis exits when the bind
+fails, and the start is retried on a fresh port.
+"""
 
 from __future__ import annotations
 
 import shutil
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.process import Managed, Service, ServiceError, free_port
+from launcher.process import Managed, Service, ServiceError, start_on_ports
 
 
 def _answers_ping(host: str, port: int) -> bool:
@@ -18,25 +23,24 @@ def _answers_ping(host: str, port: int) -> bool:
 
 @dataclass
 class RedisServer(Managed):
+    """redis-server on `port` (0: picked free at the first start, kept for restarts)."""
+
     workdir: Path
-    port: int = field(default_factory=free_port)
+    port: int = 0
     host: str = "127.0.0.1"
     persistent: bool = False  # append-only file in workdir: data survives a restart
     service: Service | None = None
 
     @property
     def url(self) -> str:
+        """redis://host:port/0."""
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, *, detached: bool = False) -> RedisServer:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not Path(binary).exists():
-            raise ServiceError("redis-server is not installed (Debian package redis-server)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        argv = [
+    def _argv(self, binary: str, port: int) -> list[str]:
+        return [
             binary,
             "--port",
-            str(self.port),
+            str(port),
             "--bind",
             self.host,
             "--save",
@@ -48,9 +52,25 @@ class RedisServer(Managed):
             "--protected-mode",
             "yes",
         ]
-        self.service = Service("redis", argv, self.workdir / "redis.log").start(detached=detached)
-        self.service.wait_until(lambda: _answers_ping(self.host, self.port), 20, "PONG")
+
+    def start(self, *, detached: bool = False) -> RedisServer:
+        """Start redis-server and wait until our process answers PING."""
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(binary).exists():
+            raise ServiceError("redis-server is not installed (Debian package redis-server)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.service, (self.port,) = start_on_ports(
+            lambda ports: Service(
+                "redis", self._argv(binary, ports[0]), self.workdir / "redis.log"
+            ),
+            [self.port],
+            lambda ports: _answers_ping(self.host, ports[0]),
+            timeout=20,
+            what="PONG",
+            detached=detached,
+        )
         return self
 
     def describe(self) -> dict[str, str]:
+        """Where it listens: the redis URL."""
         return {"url": self.url}

@@ -2,61 +2,73 @@
 
 Triton's Python backend runs each model in a stub process that links libpython and finds
 this project's packages through the `python3` first on PATH, so the environment is set here.
-Models load in explicit mode, which also lets a caller override config.pbtxt fields
-(batch size, queue delay, instances) at load time without editing the repository.
+Models load in explicit mode. Triton loads each model's `configs/exported.pbtxt`, the config
+that `python -m export config` writes (the committed config.pbtxt, its overrides and the
+exported model's identity); a different configuration is a different file written by that
+command, never an override passed at load time.
+
+Ports: Triton refuses port 0 for more than one of its three listeners, and reports the
+configured port rather than the bound one, so its HTTP, gRPC and metrics ports are picked
+free and checked to belong to the process started (`start_on_ports`).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
-from tritonclient.utils import InferenceServerException
+from launcher.process import Managed, Service, ServiceError, start_on_ports
 
-from export.triton_config import EXPORTED_CONFIG, ConfigOverrides, read_config
-from launcher.process import Managed, Service, ServiceError, free_port
+MODEL_SOURCE = Path(__file__).resolve().parents[1] / "model_repository" / "stable_diffusion"
+MODEL_NAME = "stable_diffusion"
+# configs/<name>.pbtxt in each model folder: what `python -m export config` writes.
+MODEL_CONFIG_NAME = "exported"
+# What an export adds to a model folder; a fresh copy of the committed model leaves it out.
+EXPORTED = ("weights", "weights-*", ".staging-*", "configs", "__pycache__", "*.pyc")
 
 
-def _pytriton_dir() -> Path:
-    """The tritonserver the nvidia-pytriton wheel carries: located, never imported (its
-    client needs packages the server does not)."""
+def pytriton_dir() -> Path:
+    """The tritonserver the nvidia-pytriton wheel carries: located, never imported.
+
+    Importing pytriton would pull in its client's dependencies, which the server does not need.
+    """
     spec = importlib.util.find_spec("pytriton")
     if spec is None or spec.origin is None:
         raise ServiceError("nvidia-pytriton is not installed: it carries the tritonserver binary")
     return Path(spec.origin).parent / "tritonserver"
 
 
-PYTRITON_DIR = _pytriton_dir()
-MODEL_SOURCE = Path(__file__).resolve().parents[1] / "model_repository" / "stable_diffusion"
-
-
 def copy_model_repository(target: Path) -> Path:
-    """The committed model (config and code) in a fresh repository, without exported weights."""
-    model = target / MODEL_SOURCE.name
-    (model / "1").mkdir(parents=True)
-    shutil.copy(MODEL_SOURCE / "config.pbtxt", model / "config.pbtxt")
-    for source in (MODEL_SOURCE / "1").glob("*.py"):
-        shutil.copy(source, model / "1" / source.name)
+    """A fresh model repository at `target` holding the committed model, without exports.
+
+    Everything in model_repository/stable_diffusion is copied (config, code, schemas) except
+    what an export writes there (weights, the exported config).
+    """
+    shutil.copytree(
+        MODEL_SOURCE,
+        target / MODEL_SOURCE.name,
+        ignore=shutil.ignore_patterns(*EXPORTED),
+        dirs_exist_ok=True,
+    )
     return target
 
 
 def backend_directory(root: Path) -> Path:
     """A backend folder Triton accepts: the Python backend plus the stub for this Python."""
+    server = pytriton_dir()
     python_dir = root / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     sources = {
-        "libtriton_python.so": PYTRITON_DIR / "backends/python/libtriton_python.so",
-        "triton_python_backend_utils.py": PYTRITON_DIR
-        / "backends/python/triton_python_backend_utils.py",
-        "triton_python_backend_stub": PYTRITON_DIR
+        "libtriton_python.so": server / "backends/python/libtriton_python.so",
+        "triton_python_backend_utils.py": server / "backends/python/triton_python_backend_utils.py",
+        "triton_python_backend_stub": server
         / f"python_backend_stubs/{version}/triton_python_backend_stub",
     }
     for name, source in sources.items():
@@ -69,21 +81,34 @@ def backend_directory(root: Path) -> Path:
 
 @dataclass
 class Triton(Managed):
+    """tritonserver on `repository`; a port left at 0 is picked free at the first start.
+
+    After `start()` the ports are the ones in use, and a later `start()` (a restart) reuses
+    them, so clients keep their address.
+    """
+
     repository: Path
     workdir: Path
-    http_port: int = field(default_factory=free_port)
-    grpc_port: int = field(default_factory=free_port)
-    metrics_port: int = field(default_factory=free_port)
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
     host: str = "127.0.0.1"
     service: Service | None = None
 
     @property
     def http_url(self) -> str:
+        """host:port of the HTTP/REST endpoint (KServe v2)."""
         return f"{self.host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """host:port of the gRPC endpoint."""
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """host:port of the Prometheus metrics endpoint (/metrics)."""
+        return f"{self.host}:{self.metrics_port}"
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -94,19 +119,19 @@ class Triton(Managed):
         )
         return env
 
-    def start(self, *, detached: bool = False) -> Triton:
-        argv = [
-            str(PYTRITON_DIR / "bin/tritonserver"),
+    def _argv(self, http: int, grpc: int, metrics: int) -> list[str]:
+        return [
+            str(pytriton_dir() / "bin/tritonserver"),
             f"--model-repository={self.repository.resolve()}",
             f"--backend-directory={backend_directory(self.workdir / 'backends')}",
             "--model-control-mode=explicit",
-            f"--model-config-name={EXPORTED_CONFIG}",  # written by the export, with identity
+            f"--model-config-name={MODEL_CONFIG_NAME}",
             f"--http-address={self.host}",
-            f"--http-port={self.http_port}",
+            f"--http-port={http}",
             f"--grpc-address={self.host}",
-            f"--grpc-port={self.grpc_port}",
+            f"--grpc-port={grpc}",
             f"--metrics-address={self.host}",
-            f"--metrics-port={self.metrics_port}",
+            f"--metrics-port={metrics}",
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=true",
@@ -117,54 +142,68 @@ class Triton(Managed):
             "--exit-timeout-secs=30",
             "--log-verbose=0",
         ]
-        self.service = Service(
-            "tritonserver", argv, self.workdir / "tritonserver.log", env=self._env()
-        ).start(detached=detached)
-        self.service.wait_until(self._live, 60, "live server")
+
+    def start(self, *, detached: bool = False) -> Triton:
+        """Start the server (no model loaded) and wait until it is live on its ports."""
+
+        def make(ports: list[int]) -> Service:
+            return Service(
+                "tritonserver",
+                self._argv(*ports),
+                self.workdir / "tritonserver.log",
+                env=self._env(),
+            )
+
+        self.service, ports = start_on_ports(
+            make,
+            [self.http_port, self.grpc_port, self.metrics_port],
+            lambda ports: self._live(*ports),
+            timeout=60,
+            what="a live server",
+            detached=detached,
+        )
+        self.http_port, self.grpc_port, self.metrics_port = ports
         return self
 
-    def _client(self) -> Any:
+    def _client(self, grpc_port: int | None = None) -> Any:
         import tritonclient.grpc as grpcclient  # no gevent, unlike the HTTP client
 
-        return grpcclient.InferenceServerClient(self.grpc_url)
+        return grpcclient.InferenceServerClient(f"{self.host}:{grpc_port or self.grpc_port}")
 
-    def _live(self) -> bool:
-        with self._client() as client:
-            return bool(client.is_server_live())
+    def _live(self, http: int, grpc: int, metrics: int) -> bool:
+        """Live over gRPC and HTTP, and serving metrics."""
+        with self._client(grpc) as client:
+            if not client.is_server_live():
+                return False
+        for port, path in ((http, "/v2/health/live"), (metrics, "/metrics")):
+            with urllib.request.urlopen(f"http://{self.host}:{port}{path}", timeout=2) as r:
+                if r.status != 200:
+                    return False
+        return True
 
-    def load(
-        self, model: str = "stable_diffusion", overrides: ConfigOverrides | None = None
-    ) -> None:
-        """Load `model`; overrides apply to this load only (Triton's load API with a config)."""
-        config = None
-        if overrides is not None:
-            exported = self.repository / model / "configs" / f"{EXPORTED_CONFIG}.pbtxt"
-            config = json_format.MessageToJson(
-                overrides.apply(read_config(exported)), preserving_proto_field_name=True
-            )
-        assert self.service is not None
+    def load(self, model: str = MODEL_NAME, timeout: float = 120.0) -> None:
+        """Load `model` from the repository and wait until it is ready (its warm-up included)."""
+        from tritonclient.utils import InferenceServerException
+
+        assert self.service is not None, "start() first"
         try:
             with self._client() as client:
-                client.load_model(model, config=config)
+                client.load_model(model)
         except InferenceServerException as exc:
             raise ServiceError(f"{model} did not load: {exc}\n{self.service.log_tail()}") from exc
-        self.service.wait_until(lambda: self._model_ready(model), 120, f"{model} ready")
+        self.service.wait_listening(
+            [self.grpc_port], lambda: self._model_ready(model), timeout, f"{model} ready"
+        )
 
     def _model_ready(self, model: str) -> bool:
         with self._client() as client:
             return bool(client.is_model_ready(model))
 
-    def unload(self, model: str = "stable_diffusion") -> None:
+    def unload(self, model: str = MODEL_NAME) -> None:
+        """Unload `model` (the server stays up)."""
         with self._client() as client:
             client.unload_model(model)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "http": self.http_url,
-            "grpc": self.grpc_url,
-            "metrics": f"{self.host}:{self.metrics_port}",
-        }
-
-
-def describe_json(triton: Triton) -> str:
-    return json.dumps(triton.describe())
+        """Where it listens: host:port for http, grpc and metrics."""
+        return {"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url}

@@ -7,7 +7,9 @@ One run, one machine, the tiny model (25 steps, 128x128), all services on free p
   - async jobs at low load: end-to-end p50 and p95 minus direct Triton p50 (the queueing
     overhead, in ms), polling the job every 10 ms;
   - async throughput with 1 and 2 workers (40 jobs submitted at once).
-Writes perf/results/cpu-tiny-gateway.json.
+The stack is started by `python -m launcher up --services triton,redis,broker,gateway
+--free-ports`, the workers by `python -m launcher add worker`; the gateway is called over
+HTTP, Triton over gRPC. Writes perf/results/cpu-tiny-gateway.json.
 """
 
 from __future__ import annotations
@@ -31,11 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from gateway.triton_client import MODEL_NAME, ImageParams, make_inputs  # noqa: E402
-from launcher.gateway import GatewayServer, WorkerServer  # noqa: E402
-from launcher.kafka import KafkaBroker  # noqa: E402
-from launcher.redis import RedisServer  # noqa: E402
-from launcher.triton import Triton  # noqa: E402
+from perf import triton_grpc  # noqa: E402
+from perf.launch import add_worker, stack  # noqa: E402
 
 REQUEST: dict[str, Any] = {
     "prompt": "a frost-forged legendary axe, game item icon",
@@ -45,29 +44,61 @@ REQUEST: dict[str, Any] = {
     "height": 128,
     "scheduler": "dpmpp_2m",
 }
-KEY = "fk_bench_key"
+# The gateway's and workers' settings for the run: no rate limit in the way, and fast
+# consumer-group membership, so that a joining worker takes its share quickly.
+ENV = {
+    "FORGE_RATE_LIMIT": "1000000/minute",
+    "FORGE_SESSION_TIMEOUT_MS": "6000",
+    "FORGE_HEARTBEAT_INTERVAL_MS": "1000",
+}
 RESULTS = ROOT / "perf" / "results"
 RUNS = 30
+WARM_UP = 3
 
 
 def ms(seconds: float) -> float:
+    """Seconds as milliseconds, one decimal."""
     return round(seconds * 1000, 1)
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (inclusive method)."""
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call takes."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
+def ok(reply: httpx.Response, status: int = 200) -> httpx.Response:
+    """`reply`, if it has `status`; a benchmark never times an error."""
+    if reply.status_code != status:
+        raise RuntimeError(f"{reply.request.url.path}: {reply.status_code} {reply.text[:300]}")
+    return reply
+
+
+def submit(c: httpx.Client, seed: int) -> str:
+    """Submit a one-image job; its id."""
+    reply = ok(c.post("/v1/jobs", json={"images": [{**REQUEST, "seed": seed}]}), 202)
+    return str(reply.json()["id"])
+
+
+def finished(c: httpx.Client, job_id: str) -> bool:
+    """Whether the job is done; a failed job stops the benchmark."""
+    status = ok(c.get(f"/v1/jobs/{job_id}")).json()["status"]
+    if status == "failed":
+        raise RuntimeError(f"job {job_id} failed")
+    return bool(status == "succeeded")
+
+
 def run_job(c: httpx.Client, seed: int) -> float:
+    """Seconds from submitting a one-image job to seeing it finished (polled every 10 ms)."""
     start = time.perf_counter()
-    job = c.post("/v1/jobs", json={"images": [{**REQUEST, "seed": seed}]}).json()
-    while c.get(f"/v1/jobs/{job['id']}").json()["status"] not in ("succeeded", "failed"):
+    job_id = submit(c, seed)
+    while not finished(c, job_id):
         time.sleep(0.01)
     return time.perf_counter() - start
 
@@ -75,92 +106,83 @@ def run_job(c: httpx.Client, seed: int) -> float:
 def throughput(c: httpx.Client, jobs: int, first_seed: int) -> float:
     """Images per second for `jobs` jobs submitted at once (new seeds: no cache hits)."""
     start = time.perf_counter()
-    ids = [
-        c.post("/v1/jobs", json={"images": [{**REQUEST, "seed": first_seed + i}]}).json()["id"]
-        for i in range(jobs)
-    ]
+    ids = [submit(c, first_seed + i) for i in range(jobs)]
     for job_id in ids:
-        while c.get(f"/v1/jobs/{job_id}").json()["status"] not in ("succeeded", "failed"):
+        while not finished(c, job_id):
             time.sleep(0.05)
     return jobs / (time.perf_counter() - start)
 
 
+def sync_and_direct(c: httpx.Client, grpc_url: str, rng: random.Random) -> dict[str, list[float]]:
+    """Interleaved direct Triton and gateway sync calls, then cache hits: seconds each."""
+    direct, sync = [], []
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        for i in range(RUNS + WARM_UP):
+            seed = rng.randrange(2**62)
+            d = timed(lambda: triton_grpc.infer(client, [{**REQUEST, "seed": seed}]))  # noqa: B023
+            g = timed(lambda: ok(c.post("/v1/images", json={**REQUEST, "seed": seed + 1})))  # noqa: B023
+            if i >= WARM_UP:
+                direct.append(d)
+                sync.append(g)
+    hits = [
+        timed(lambda: ok(c.post("/v1/images", json={**REQUEST, "seed": 1})))
+        for _ in range(RUNS + 1)
+    ][1:]  # the first call fills the cache
+    return {"direct": direct, "sync": sync, "hits": hits}
+
+
+def jobs(c: httpx.Client, state_dir: Path, rng: random.Random) -> dict[str, Any]:
+    """Job latency with one worker, then throughput with one and with two workers."""
+    add_worker(state_dir)
+    run_job(c, 1)  # warm-up: group join, topic metadata
+    latencies = [run_job(c, rng.randrange(2**62)) for _ in range(RUNS)]
+    one_worker = throughput(c, 40, first_seed=10_000)
+    add_worker(state_dir)
+    run_job(c, 2)
+    two_workers = throughput(c, 40, first_seed=20_000)
+    return {"latencies": latencies, "one_worker": one_worker, "two_workers": two_workers}
+
+
+def report(calls: dict[str, list[float]], queued: dict[str, Any]) -> dict[str, Any]:
+    """The figures, in milliseconds and ratios."""
+    p50_direct = statistics.median(calls["direct"])
+    p50_sync = statistics.median(calls["sync"])
+    latencies = queued["latencies"]
+    return {
+        "benchmark": "make bench (perf/bench_gateway.py)",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()}, {platform.machine()}, CPU only",
+        "request": REQUEST,
+        "direct_triton_p50_ms": ms(p50_direct),
+        "gateway_sync_p50_ms": ms(p50_sync),
+        "gateway_over_direct_p50": round(p50_sync / p50_direct, 3),
+        "gateway_added_ms": ms(p50_sync - p50_direct),
+        "cache_hit_p50_ms": ms(statistics.median(calls["hits"])),
+        "async_p50_ms": ms(statistics.median(latencies)),
+        "async_p95_ms": ms(percentile(latencies, 95)),
+        "async_queueing_overhead_p50_ms": ms(statistics.median(latencies) - p50_direct),
+        "async_queueing_overhead_p95_ms": ms(percentile(latencies, 95) - p50_direct),
+        "async_images_per_s_1_worker": round(queued["one_worker"], 2),
+        "async_images_per_s_2_workers": round(queued["two_workers"], 2),
+    }
+
+
 def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="forge-bench-"))
-    triton = Triton(ROOT / "model_repository", work / "triton")
-    redis = RedisServer(work / "redis")
-    broker = KafkaBroker(work / "broker")
-    started: list = []
-    report: dict = {}
-    try:
-        for server in (triton, redis, broker):
-            started.append(server.start())
-        triton.load()
-        env = {
-            "FORGE_TRITON_GRPC_URL": triton.grpc_url,
-            "FORGE_REDIS_URL": redis.url,
-            "FORGE_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "FORGE_ASSET_DIR": str(work / "a"),
-            "FORGE_DEV_API_KEY": KEY,
-            "FORGE_RATE_LIMIT": "1000000/minute",
-            "FORGE_SESSION_TIMEOUT_MS": "6000",
-            "FORGE_HEARTBEAT_INTERVAL_MS": "1000",
-        }
-        gateway = GatewayServer(work, env).start()
-        started.append(gateway)
-        rng = random.Random(7)
-        with (
-            httpx.Client(
-                base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {KEY}"}
-            ) as c,
-            grpcclient.InferenceServerClient(triton.grpc_url) as direct_client,
-        ):
-            direct, sync = [], []
-            for i in range(RUNS + 3):  # interleaved; the first 3 of each warm up
-                seed = rng.randrange(2**62)
-                inputs = make_inputs(grpcclient, [ImageParams(**REQUEST, seed=seed)])
-                d = timed(lambda: direct_client.infer(MODEL_NAME, inputs))  # noqa: B023
-                g = timed(lambda: c.post("/v1/images", json={**REQUEST, "seed": seed + 1}))  # noqa: B023
-                if i >= 3:
-                    direct.append(d)
-                    sync.append(g)
-            hits = [
-                timed(lambda: c.post("/v1/images", json={**REQUEST, "seed": 1}))
-                for _ in range(RUNS + 1)
-            ][1:]
-            workers = [WorkerServer(work, env).start()]
-            started += workers
-            run_job(c, 1)  # warm-up: group join, topic metadata
-            jobs = [run_job(c, rng.randrange(2**62)) for _ in range(RUNS)]
-            one_worker = throughput(c, 40, first_seed=10_000)
-            workers.append(WorkerServer(work, env).start())
-            started.append(workers[-1])
-            run_job(c, 2)
-            two_workers = throughput(c, 40, first_seed=20_000)
-        p50_direct = statistics.median(direct)
-        report = {
-            "benchmark": "make bench (perf/bench_gateway.py)",
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()}, {platform.machine()}, CPU only",
-            "request": REQUEST,
-            "direct_triton_p50_ms": ms(p50_direct),
-            "gateway_sync_p50_ms": ms(statistics.median(sync)),
-            "gateway_over_direct_p50": round(statistics.median(sync) / p50_direct, 3),
-            "gateway_added_ms": ms(statistics.median(sync) - p50_direct),
-            "cache_hit_p50_ms": ms(statistics.median(hits)),
-            "async_p50_ms": ms(statistics.median(jobs)),
-            "async_p95_ms": ms(percentile(jobs, 95)),
-            "async_queueing_overhead_p50_ms": ms(statistics.median(jobs) - p50_direct),
-            "async_queueing_overhead_p95_ms": ms(percentile(jobs, 95) - p50_direct),
-            "async_images_per_s_1_worker": round(one_worker, 2),
-            "async_images_per_s_2_workers": round(two_workers, 2),
-        }
-    finally:
-        for server in reversed(started):
-            server.stop()
+    """Run the benchmark, write perf/results/cpu-tiny-gateway.json, print the figures."""
+    rng = random.Random(7)
+    with (
+        tempfile.TemporaryDirectory(prefix="forge-bench-gateway-") as work,
+        stack(Path(work), ["triton", "redis", "broker", "gateway"], env=ENV) as state,
+    ):
+        services = state["services"]
+        auth = {"Authorization": f"Bearer {state['dev_api_key']}"}
+        with httpx.Client(base_url=services["gateway"]["url"], timeout=120, headers=auth) as c:
+            calls = sync_and_direct(c, services["triton"]["grpc"], rng)
+            queued = jobs(c, Path(work), rng)
+    figures = report(calls, queued)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cpu-tiny-gateway.json").write_text(json.dumps(report, indent=2) + "\n")
-    for key, value in report.items():
+    (RESULTS / "cpu-tiny-gateway.json").write_text(json.dumps(figures, indent=2) + "\n")
+    for key, value in figures.items():
         if key not in ("request", "benchmark"):
             print(f"{key:40s} {value}")
     return 0

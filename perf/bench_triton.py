@@ -6,7 +6,9 @@ One run, one machine, the same request (batch 1):
     so that drift on a shared machine weighs on both sides alike;
   - perf_analyzer through Triton at concurrency 1, 2 and 4, and images/s at concurrency 4
     over concurrency 1, the dynamic batching gain.
-Writes perf/results/cpu-tiny-triton.json and perf_analyzer's CSVs beside it.
+Triton is started by `python -m launcher up --services triton --free-ports`; the in-process
+side builds the core with the parameters of the model config Triton serves. Writes
+perf/results/cpu-tiny-triton.json and perf_analyzer's CSVs beside it.
 """
 
 from __future__ import annotations
@@ -15,20 +17,20 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "model_repository" / "stable_diffusion" / "1"))
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from gateway.triton_client import MODEL_NAME, ImageParams, make_inputs, make_outputs  # noqa: E402
-from launcher.triton import Triton  # noqa: E402
-from perf import perf_analyzer  # noqa: E402
+from perf import perf_analyzer, triton_grpc  # noqa: E402
+from perf.launch import stack  # noqa: E402
 
 REQUEST: dict[str, Any] = {
     "prompt": "a frost-forged legendary axe, game item icon",
@@ -39,70 +41,77 @@ REQUEST: dict[str, Any] = {
     "height": 128,
     "scheduler": "dpmpp_2m",
 }
-THREADS = 2  # the model instance's intra_op_threads in config.pbtxt
 PAIRS = 40
+WARM_UP = 3
+REPOSITORY = ROOT / "model_repository"
 RESULTS = ROOT / "perf" / "results"
 
 
-class InProcess:
-    """The pipeline core called directly, as Triton's model calls it, with the same threads."""
+def in_process_baseline(
+    weights: Path, parameters: dict[str, str], max_batch_size: int
+) -> Callable[[], object]:
+    """The pipeline core called directly, built as Triton's model builds it: one image per call.
 
-    def __init__(self, weights: Path) -> None:
-        from sd_pipeline import StableDiffusionCore
-        from sd_requests import GenerationRequest
+    The one place perf uses the model's code: the pipeline core's public API
+    (`StableDiffusionCore`, `GenerationRequest`) from the model folder, given the model
+    config Triton serves, so both sides run the same runtime, threads and contract.
+    """
+    sys.path.insert(0, str(REPOSITORY / "stable_diffusion" / "1"))
+    from sd_pipeline import StableDiffusionCore
+    from sd_requests import GenerationRequest
 
-        self.core = StableDiffusionCore(weights, threads=THREADS)
-        self.request = GenerationRequest(**REQUEST)
-        for _ in range(3):  # warm-up: thread pools, allocator
-            self.once()
-
-    def once(self) -> float:
-        start = time.perf_counter()
-        self.core.generate([self.core.row(self.request)])
-        return time.perf_counter() - start
+    core = StableDiffusionCore(weights, parameters, max_batch_size=max_batch_size)
+    request = GenerationRequest(**REQUEST)
+    return lambda: core.generate([core.row(request)])
 
 
-def triton_once(client: grpcclient.InferenceServerClient) -> float:
-    """One request over a kept-open gRPC channel, as a serving client would make it."""
+def timed(call: Callable[[], object]) -> float:
+    """Seconds one call takes."""
     start = time.perf_counter()
-    client.infer(
-        MODEL_NAME,
-        make_inputs(grpcclient, [ImageParams(**REQUEST)]),
-        outputs=make_outputs(grpcclient),
-    )
+    call()
     return time.perf_counter() - start
 
 
-def main() -> int:
-    repository = ROOT / "model_repository"
-    weights = repository / "stable_diffusion" / "1" / "weights"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    in_process = InProcess(weights)
-    triton = Triton(repository, ROOT / "var" / "bench" / "triton").start()
-    rows = {}
+def interleaved(grpc_url: str) -> tuple[list[float], list[float]]:
+    """PAIRS in-process and Triton calls, one of each in turn: (in-process, served) seconds."""
     direct: list[float] = []
     served: list[float] = []
-    try:
-        triton.load()
-        with grpcclient.InferenceServerClient(triton.grpc_url) as client:
-            for _ in range(3):
-                triton_once(client)
-            # The ratio: one in-process call, then one Triton call (gRPC, batch 1), in
-            # turn, so that drift on a shared machine weighs on both sides alike.
-            for _ in range(PAIRS):
-                direct.append(in_process.once())
-                served.append(triton_once(client))
+    parameters, max_batch_size = triton_grpc.served_config(grpc_url)
+    baseline = in_process_baseline(
+        REPOSITORY / "stable_diffusion" / "1" / "weights", parameters, max_batch_size
+    )
+    # A kept-open gRPC channel, batch 1, as a serving client would call.
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        served_call = lambda: triton_grpc.infer(client, [REQUEST])  # noqa: E731
+        for _ in range(WARM_UP):  # thread pools, allocator, channel
+            baseline()
+            served_call()
+        for _ in range(PAIRS):
+            direct.append(timed(baseline))
+            served.append(timed(served_call))
+    return direct, served
+
+
+def measure(state_dir: Path) -> dict[str, Any]:
+    """Start Triton, run the interleaved pairs and perf_analyzer; the report's figures."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with stack(state_dir, ["triton"], repository=REPOSITORY) as state:
+        grpc_url = state["services"]["triton"]["grpc"]
+        direct, served = interleaved(grpc_url)
         data = perf_analyzer.write_input_data(RESULTS / "tiny-input.json", REQUEST)
-        for concurrency in (1, 2, 4):
-            csv_file = RESULTS / f"cpu-tiny-perf-analyzer-c{concurrency}.csv"
-            rows[concurrency] = perf_analyzer.run(
-                triton.grpc_url, "stable_diffusion", data, concurrency, csv_file
+        rows = {
+            c: perf_analyzer.run(
+                grpc_url,
+                triton_grpc.MODEL,
+                data,
+                c,
+                RESULTS / f"cpu-tiny-perf-analyzer-c{c}.csv",
             )
-    finally:
-        triton.stop()
+            for c in (1, 2, 4)
+        }
     p50 = {c: row["p50 latency"] / 1e6 for c, row in rows.items()}
     throughput = {c: row["Inferences/Second"] for c, row in rows.items()}
-    report: dict[str, Any] = {
+    return {
         "benchmark": "make bench (perf/bench_triton.py)",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, CPU only",
@@ -114,14 +123,20 @@ def main() -> int:
         "perf_analyzer_images_per_s": throughput,
         "batching_gain_c4_over_c1": throughput[4] / throughput[1],
     }
+
+
+def main() -> int:
+    """Run the benchmark, write perf/results/cpu-tiny-triton.json, print the figures."""
+    with tempfile.TemporaryDirectory(prefix="forge-bench-triton-") as work:
+        report = measure(Path(work))
     (RESULTS / "cpu-tiny-triton.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"in-process p50                  {report['in_process_p50_s'] * 1000:8.1f} ms")
     print(f"Triton p50 (gRPC, interleaved)  {report['triton_grpc_p50_s'] * 1000:8.1f} ms")
-    for c in rows:
-        print(f"perf_analyzer c={c}: p50 {p50[c] * 1000:8.1f} ms, {throughput[c]:6.2f} images/s")
-    print(
-        f"Triton p50 / in-process p50: {report['triton_over_in_process_p50']:.3f}  (target <= 1.05)"
-    )
+    for c, p50 in report["perf_analyzer_p50_s"].items():
+        images = report["perf_analyzer_images_per_s"][c]
+        print(f"perf_analyzer c={c}: p50 {p50 * 1000:8.1f} ms, {images:6.2f} images/s")
+    ratio = report["triton_over_in_process_p50"]
+    print(f"Triton p50 / in-process p50: {ratio:.3f}  (target <= 1.05)")
     print(f"images/s c=4 / c=1 (batching gain): {report['batching_gain_c4_over_c1']:.2f}")
     return 0
 

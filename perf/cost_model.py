@@ -44,12 +44,15 @@ ALB_AVERAGE_LCU = 1.0  # a game back end's API traffic: well under one LCU's 25 
 MONITORING_EXTRAS = 10.00  # CloudWatch logs, SNS for AlertManager; Prometheus/Grafana run
 # on the worker nodes, so their compute is in the t3.medium line
 
-# Published, not measured here (DESIGN.md): a T4 makes a 512x512 image in ~2.4 s at 25 steps.
+# A published figure, not measured here: a T4 makes a 512x512 SD 1.5 image in ~2.4 s at
+# 25 steps (fp16, one image at a time).
 T4_PUBLISHED_SECONDS_PER_IMAGE = 2.4
 
 
 @dataclass(frozen=True)
 class Line:
+    """One line of the monthly bill: a quantity at a unit price, and where the price is from."""
+
     item: str
     quantity: float
     unit_price: float  # USD per unit per hour, or per month where `monthly` is set
@@ -58,6 +61,7 @@ class Line:
 
     @property
     def dollars(self) -> float:
+        """Dollars a month."""
         hours = 1.0 if self.monthly else HOURS_PER_MONTH
         return self.quantity * self.unit_price * hours
 
@@ -77,6 +81,7 @@ def fixed_lines() -> list[Line]:
 
 
 def total(lines: list[Line]) -> float:
+    """Dollars a month for all `lines`."""
     return sum(line.dollars for line in lines)
 
 
@@ -98,6 +103,7 @@ GPU_PRICES = {
 
 
 def stack(pricing: str) -> list[Line]:
+    """The whole stack with the GPU node at `pricing` (a key of GPU_PRICES)."""
     return [
         *fixed_lines(),
         Line(f"GPU node, 1x g4dn.xlarge ({pricing})", 1, GPU_PRICES[pricing], "list price"),
@@ -112,17 +118,21 @@ def images_per_month(images_per_hour: float, utilization: float) -> float:
 
 
 def dollars_per_1000(monthly: float, images_per_hour: float, utilization: float) -> float:
+    """Dollars per 1,000 images for a `monthly` bill and a node's capacity at `utilization`."""
     return 1000 * monthly / images_per_month(images_per_hour, utilization)
 
 
 @dataclass(frozen=True)
 class Throughput:
+    """A GPU node's images per hour, where the figure comes from, and what kind it is."""
+
     source: str
-    images_per_hour: float | None  # None: not measured yet
+    images_per_hour: float | None  # None: not measured
     kind: str  # "seed claim", "published reference", "target", "measured", "not measured"
 
 
 def throughputs(measured_t4: float | None = None) -> list[Throughput]:
+    """The throughput rows of the cost table; `measured_t4` fills this system's T4 row."""
     return [
         Throughput("seed, low end", SEED_IMAGES_PER_HOUR[0], "seed claim"),
         Throughput("seed, high end", SEED_IMAGES_PER_HOUR[1], "seed claim"),
@@ -131,7 +141,7 @@ def throughputs(measured_t4: float | None = None) -> list[Throughput]:
             3600 / T4_PUBLISHED_SECONDS_PER_IMAGE,
             "published reference (not ours)",
         ),
-        Throughput("issue 7 target for this system on a T4", 1400.0, "target"),
+        Throughput("this system's goal on a T4", 1400.0, "target"),
         Throughput(
             "this system on a T4 (perf/gpu_bench.py, projected from the GPU machine)",
             measured_t4,
@@ -141,6 +151,7 @@ def throughputs(measured_t4: float | None = None) -> list[Throughput]:
 
 
 def render(utilization: float, measured_t4: float | None = None) -> str:
+    """The Markdown tables perf/RESULTS.md shows."""
     out = ["### The seed's $435/month, line by line", ""]
     out += ["| line | $/month | basis |", "|---|---:|---|"]
     for line in seed_breakdown():
@@ -166,6 +177,7 @@ def render(utilization: float, measured_t4: float | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the tables for --utilization (and --t4-images-per-hour, once projected)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--utilization", type=float, default=0.7, help="share of capacity used")
     parser.add_argument(

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,11 +45,104 @@ def weights(repository: Path) -> Path:
     return repository / "stable_diffusion" / "1" / "weights"
 
 
+def core_config(weights: Path, **overrides: str) -> tuple[dict[str, str], int]:
+    """What Triton hands the model for `weights`: the committed config.pbtxt's parameters with
+    the values `python -m export config` copies from the weights' manifest and `overrides`;
+    and the config's max_batch_size."""
+    import json
+
+    from export.triton_config import config_parameters, manifest_parameters, read_config
+
+    config = read_config(MODEL_SOURCE / "config.pbtxt")
+    manifest_file = weights / "manifest.json"
+    copied = manifest_parameters(json.loads(manifest_file.read_text()), manifest_file)
+    return {**config_parameters(config), **copied, **overrides}, config.max_batch_size
+
+
+def make_core(weights: Path, *, max_batch_size: int | None = None, **overrides: str) -> Any:
+    """The pipeline core on `weights` under the committed config (parameters `overrides`)."""
+    from sd_pipeline import StableDiffusionCore
+
+    parameters, batch = core_config(weights, **overrides)
+    return StableDiffusionCore(weights, parameters, max_batch_size=max_batch_size or batch)
+
+
 @pytest.fixture(scope="session")
 def triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
     server = Triton(repository, tmp_path_factory.mktemp("triton")).start()
     try:
         server.load()
+        yield server
+    finally:
+        server.stop()
+
+
+def model_parameters(triton: Triton) -> dict[str, str]:
+    """The parameters of the model config Triton serves (the generation contract)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        config = client.get_model_config("stable_diffusion", as_json=True)["config"]
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+# A narrower contract than the committed config.pbtxt's, set without changing any code.
+NARROW_CONTRACT = {
+    "max_size": "256",
+    "max_steps": "40",
+    "schedulers": "euler,ddim",
+    "default_scheduler": "euler",
+}
+
+
+@pytest.fixture(scope="session")
+def narrow_triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    """The tiny model in its own Triton, its config rewritten by `python -m export config`."""
+    import shutil
+    import subprocess
+
+    narrow = tmp_path_factory.mktemp("narrow") / "model_repository"
+    shutil.copytree(repository, narrow, symlinks=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "config",
+            "--repository",
+            str(narrow),
+            *(f"--parameter={k}={v}" for k, v in NARROW_CONTRACT.items()),
+        ],
+        check=True,
+        cwd=ROOT,
+    )
+    server = Triton(narrow, tmp_path_factory.mktemp("narrow-triton")).start()
+    try:
+        server.load()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def narrow_gateway(
+    narrow_triton: Triton,
+    redis_server: RedisServer,
+    broker: KafkaBroker,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[GatewayServer]:
+    """A gateway in front of `narrow_triton`; a one-year rate-limit window (exact charges)."""
+    workdir = tmp_path_factory.mktemp("narrow-gateway")
+    env = gateway_env(
+        narrow_triton,
+        redis_server,
+        workdir / "assets",
+        FORGE_RATE_LIMIT="1000000 per 1 year",
+        FORGE_KAFKA_BOOTSTRAP=broker.bootstrap,
+        FORGE_TOPIC_PREFIX="narrow.",
+    )
+    server = GatewayServer(workdir, env).start()
+    try:
         yield server
     finally:
         server.stop()

@@ -297,9 +297,12 @@ def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
     command = next(c for c in spec["initContainers"] if c["name"] == "model-config")["command"]
     model = tmp_path / "stable_diffusion"
     (model / "1" / "weights").mkdir(parents=True)
-    shutil.copy(ROOT / "model_repository" / "stable_diffusion" / "config.pbtxt", model)
+    for name in ("config.pbtxt", "weights.schema.json"):  # what the model-code step copies
+        shutil.copy(ROOT / "model_repository" / "stable_diffusion" / name, model)
     identity = {"name": "stable-diffusion-v1-5", "version": "weights-0123abcd"}
-    (model / "1" / "weights" / "manifest.json").write_text(json.dumps({"model": identity}))
+    contract = {"size_multiple": 64, "default_size": 512, "max_prompt_tokens": 77}
+    manifest = {"model": identity, "contract": contract}
+    (model / "1" / "weights" / "manifest.json").write_text(json.dumps(manifest))
     assert command[:3] == ["python", "-m", "export"]
     argv = [sys.executable, *command[1:]]
     argv[argv.index("/models")] = str(tmp_path)
@@ -318,6 +321,7 @@ def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
         identity["name"],
         identity["version"],
     )
+    assert {k: params[k] for k in contract} == {k: str(v) for k, v in contract.items()}
     assert config.max_batch_size == 4
     kind_gpu = model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
     assert [(g.kind, g.count) for g in config.instance_group] == [(kind_gpu, 2)]

@@ -88,6 +88,8 @@ def results_rows() -> list[tuple[str, str, str]]:
 
 
 def merged_values(*files: str) -> dict:
+    """helm/forge/values.yaml with the files merged over it, map by map."""
+
     def merge(a: dict, b: dict) -> dict:
         out = dict(a)
         for k, v in b.items():
@@ -101,6 +103,7 @@ def merged_values(*files: str) -> dict:
 
 
 def svg_texts(path: Path) -> tuple[Any, list[str]]:
+    """The parsed SVG and every <text>, whitespace collapsed."""
     tree = ET.parse(path)
     texts = [
         " ".join((e.text or "").replace("\xa0", " ").split()) for e in tree.iter(SVG_NS + "text")
@@ -109,6 +112,7 @@ def svg_texts(path: Path) -> tuple[Any, list[str]]:
 
 
 def group_texts(tree: Any, gid: str) -> list[str]:
+    """Every <text> inside the <g> with this id (a component, a flow edge, the panel)."""
     for g in tree.iter(SVG_NS + "g"):
         if g.get("id") == gid:
             return [" ".join((t.text or "").split()) for t in g.iter(SVG_NS + "text")]
@@ -117,6 +121,7 @@ def group_texts(tree: Any, gid: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def production_svg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The diagram rendered from the production values, once for the module."""
     from helm.diagram import render
 
     out = tmp_path_factory.mktemp("diagram")
@@ -125,6 +130,7 @@ def production_svg(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_seed_component_and_layer(production_svg: Path) -> None:
+    """Each seed component in its box, each layer and boundary titled, each seed colour used."""
     tree, texts = svg_texts(production_svg)
     for cid, title in SEED_COMPONENTS.items():
         assert title in group_texts(tree, f"component-{cid}"), title
@@ -138,6 +144,7 @@ def test_every_seed_component_and_layer(production_svg: Path) -> None:
 
 
 def test_component_details_come_from_the_deployment(production_svg: Path) -> None:
+    """Node groups, brokers, Redis replicas, gp3 figures and HPA bounds equal the files'."""
     values = merged_values("helm/values/production.yaml")
     cluster = yaml.safe_load((ROOT / "helm/eks/cluster.yaml").read_text())
     groups = {g["labels"]["forge.crafterse.io/node"]: g for g in cluster["managedNodeGroups"]}
@@ -166,6 +173,7 @@ def test_component_details_come_from_the_deployment(production_svg: Path) -> Non
 
 
 def test_every_data_flow_step_is_an_edge(production_svg: Path) -> None:
+    """Steps 1 to 11 are edges with their number and a description."""
     tree, _ = svg_texts(production_svg)
     for step in range(1, 12):
         texts = group_texts(tree, f"flow-{step}")
@@ -174,6 +182,7 @@ def test_every_data_flow_step_is_an_edge(production_svg: Path) -> None:
 
 
 def test_performance_panel_equals_results_md(production_svg: Path) -> None:
+    """The panel holds RESULTS.md's rows and the seed's claims, each with its kind, and no more."""
     rows = results_rows()
     assert len(rows) >= 9, "perf/RESULTS.md lost its tables"
     tree, _ = svg_texts(production_svg)

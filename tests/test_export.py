@@ -57,8 +57,12 @@ def test_export_writes_checked_onnx_and_a_manifest_under_tolerance(weights: Path
         parity = manifest["parity"][spec.name]
         print(f"parity {spec.name}: max abs diff {parity['max_abs_diff']:.3g}")
         assert 0 <= parity["max_abs_diff"] <= parity["tolerance"] == 1e-3
-    assert manifest["geometry"]["size_multiple"] == 16
-    assert manifest["geometry"]["vae_scaling_factor"] == pytest.approx(0.18215)
+    assert manifest["contract"] == {
+        "size_multiple": 16,
+        "default_size": 128,
+        "max_prompt_tokens": 77,
+    }
+    assert manifest["vae"]["scaling_factor"] == pytest.approx(0.18215)
 
 
 def test_a_failed_export_leaves_the_published_weights_alone(
@@ -106,7 +110,7 @@ def test_export_explains_what_is_wrong_with_the_model(
     assert not (repo / "stable_diffusion" / "1" / "weights").exists()
 
 
-def test_export_config_adds_identity_and_deployment_overrides(
+def test_export_config_adds_the_manifest_values_and_deployment_overrides(
     weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from export.triton_config import read_config
@@ -136,6 +140,8 @@ def test_export_config_adds_identity_and_deployment_overrides(
     assert [i.name for i in config.input] == [i.name for i in committed.input]
     assert config.parameters["model_name"].string_value == manifest["model"]["name"]
     assert config.parameters["model_version"].string_value == manifest["model"]["version"]
+    for name, value in manifest["contract"].items():  # size_multiple, default_size, tokens
+        assert config.parameters[name].string_value == str(value)
     assert config.parameters["runtime"].string_value == "onnxruntime_cuda"
     assert config.parameters["max_steps"].string_value == "60"
     assert config.max_batch_size == 16
@@ -147,3 +153,5 @@ def test_export_config_adds_identity_and_deployment_overrides(
     empty = copy_model_repository(tmp_path / "empty")
     assert export_main(["config", "--repository", str(empty)]) == 2
     assert "export the model first" in capsys.readouterr().err
+    assert export_main(["config", "--repository", str(repo), "--parameter", "max_steps"]) == 2
+    assert "--parameter 'max_steps' is not KEY=VALUE" in capsys.readouterr().err

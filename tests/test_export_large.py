@@ -32,8 +32,8 @@ def test_an_sd15_sized_pipeline_exports_with_external_data(tmp_path: Path) -> No
     print(json.dumps(manifest["parity"], indent=2))
     assert unet_data.stat().st_size > 2**31  # past protobuf's 2 GB: external data is a must
     assert (weights / "unet.onnx").stat().st_size < 50 * 2**20
-    assert manifest["geometry"]["size_multiple"] == 64
-    assert manifest["geometry"]["default_size"] == 512
+    assert manifest["contract"]["size_multiple"] == 64
+    assert manifest["contract"]["default_size"] == 512
     for component in ("text_encoder", "unet", "vae_decoder"):
         parity = manifest["parity"][component]
         assert parity["max_abs_diff"] <= parity["tolerance"]

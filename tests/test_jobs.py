@@ -154,12 +154,12 @@ def test_malformed_and_invalid_items_go_to_the_dead_letter_topic(jobs_stack: Job
     prefix = jobs_stack.prefix
     asyncio.run(_produce(jobs_stack.broker.bootstrap, f"{prefix}standard", b"{not a job"))
     with api(jobs_stack) as c:
-        # Valid for the gateway, refused by the model (the tiny UNet needs multiples of 16).
-        bad = submit(c, [{"prompt": "an odd-sized axe", "width": 72, "steps": 2}])
+        # Valid for the gateway, refused by the model: only the model counts CLIP tokens.
+        bad = submit(c, [{"prompt": "axe " * 80, "steps": 2, "width": 64, "height": 64}])
         good = submit(c, [{"prompt": "a fine axe", **SMALL}])
         assert wait_for(c, good, {"succeeded", "failed"})["status"] == "succeeded"
         failed = wait_for(c, bad, {"succeeded", "failed"})
-    assert failed["status"] == "failed" and "width 72" in failed["error"]
+    assert failed["status"] == "failed" and "82 tokens long" in failed["error"]
     letters = asyncio.run(_read_all(jobs_stack.broker.bootstrap, f"{prefix}dead-letter", 2))
     assert sorted(letter["reason"] for letter in letters) == ["invalid", "malformed"]
     assert any(letter["value"] == "{not a job" for letter in letters)

@@ -110,6 +110,7 @@ def drive_traffic(
     with httpx.Client(base_url=stack.gateway.url, headers=auth, timeout=60) as c:
         # Jobs first, on the worker whose Triton does not answer: retried, then dead-lettered.
         broken.start()
+        scrape_workers(prometheus, stack, broken)
         retry_job = c.post("/v1/jobs", json={"images": [{"prompt": "a patient mace", **SMALL}]})
         assert retry_job.status_code == 202, retry_job.text
         wait_for(
@@ -121,6 +122,7 @@ def drive_traffic(
         )
         broken.kill()  # its retry item goes to the good worker
         worker_ok.start()
+        scrape_workers(prometheus, stack, broken, worker_ok)
         bulk = c.post(
             "/v1/admin/keys", json={"name": "mon-bulk", "scopes": ["generate"], "tier": "bulk"}
         )
@@ -140,9 +142,27 @@ def drive_traffic(
         )
 
 
+def scrape_workers(prometheus: PrometheusServer, stack: JobsStack, *workers: WorkerServer) -> None:
+    """Point Prometheus at Triton, the gateway and `workers` (their ports exist once started)."""
+    assert stack.gateway is not None
+    prometheus.set_targets(
+        {
+            "triton": [f"{stack.triton.host}:{stack.triton.metrics_port}"],
+            "gateway": [f"{stack.gateway.host}:{stack.gateway.port}"],
+            "worker": [f"{w.host}:{w.port}" for w in workers],
+        }
+    )
+
+
+# Valid for the gateway, refused by the model (Triton INVALID_ARG): only the model counts
+# CLIP tokens, and this prompt has 82.
+TOO_MANY_TOKENS = "axe " * 80
+
+
 def one_round(c: httpx.Client, bulk_key: str, round_: int) -> None:
-    # Sync requests, some concurrent (batching); a repeated seed (cache hit); a size the
-    # model refuses (Triton INVALID_ARG); readiness checks; a bulk key over its tier (429).
+    # Sync requests, some concurrent (batching); a repeated seed (cache hit); a size outside
+    # the contract (the gateway's 422); a prompt the model refuses (Triton INVALID_ARG);
+    # readiness checks; a bulk key over its tier (429).
     threads = [
         threading.Thread(
             target=c.post,
@@ -159,6 +179,7 @@ def one_round(c: httpx.Client, bulk_key: str, round_: int) -> None:
         reply = c.post("/v1/images", json={"prompt": "a cached bow", "seed": 11, **SMALL})
         assert reply.status_code == 200, reply.text
     assert c.post("/v1/images", json={"prompt": "odd", "width": 72, "steps": 2}).status_code == 422
+    assert c.post("/v1/images", json={"prompt": TOO_MANY_TOKENS, **SMALL}).status_code == 422
     for _ in range(3):
         c.get("/readyz")
     limited = c.post(
@@ -172,7 +193,7 @@ def one_round(c: httpx.Client, bulk_key: str, round_: int) -> None:
         c.post("/v1/jobs", json={"images": [body]}).json()["id"]
         for body in (
             {"prompt": f"a queued axe {round_}", **SMALL},
-            {"prompt": f"an odd-sized axe {round_}", "width": 72, "steps": 2},
+            {"prompt": f"{TOO_MANY_TOKENS}{round_}", **SMALL},
         )
     ]
     for job_id in ids:
@@ -206,7 +227,6 @@ def monitored(
         {
             "triton": [f"{jobs_stack.triton.host}:{jobs_stack.triton.metrics_port}"],
             "gateway": [f"{gateway.host}:{gateway.port}"],
-            "worker": [f"{broken.host}:{broken.port}", f"{worker_ok.host}:{worker_ok.port}"],
         },
         scrape_interval="1s",
         evaluation_interval="1s",

@@ -1,9 +1,8 @@
-"""The runtimes behind the one pipeline core: torch (run here on the CPU), the ONNX Runtime
-CPU path it must agree with, and the helpers the GPU runtimes share.
+"""The runtimes behind the one pipeline core: torch (run on the CPU), the ONNX Runtime CPU
+path it must agree with, and the helpers the GPU runtimes share.
 
-`onnxruntime_cuda` and `tensorrt` are not run here: this machine has no GPU, and neither
-onnxruntime-gpu nor TensorRT is installed (on the lent GPU machine either). Their tests
-below skip with that reason wherever those are missing.
+The `onnxruntime_cuda`, CUDA `torch` and `tensorrt` tests run only where a CUDA GPU (and
+onnxruntime-gpu or TensorRT) exist; elsewhere they skip, naming what is missing.
 """
 
 from __future__ import annotations
@@ -14,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sd_contract import ConfigError
 from sd_pipeline import StableDiffusionCore
 from sd_requests import GenerationRequest
-from sd_runtimes import output_shape
+from sd_runtimes import RuntimeSettings, load_components
+from sd_weights import load_manifest, output_shape
 
-from tests.conftest import diffusers_reference
+from tests.conftest import core_config, diffusers_reference, make_core
 
 PROMPT = "a frost-forged legendary axe"
 
@@ -39,12 +40,12 @@ def request(**overrides) -> GenerationRequest:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def torch_core(weights: Path) -> StableDiffusionCore:
-    return StableDiffusionCore(weights, runtime="torch")
+    return make_core(weights, runtime="torch")
 
 
 @pytest.fixture(scope="module")
 def onnx_core(weights: Path) -> StableDiffusionCore:
-    return StableDiffusionCore(weights)
+    return make_core(weights)
 
 
 def test_the_export_publishes_the_diffusers_copy_for_the_torch_runtime(weights: Path) -> None:
@@ -54,10 +55,7 @@ def test_the_export_publishes_the_diffusers_copy_for_the_torch_runtime(weights: 
     for part in ("unet", "vae", "text_encoder"):
         assert list((copy / part).glob("*.safetensors")), part
     assert not list(copy.rglob("*.bin"))  # safetensors only
-    # The fields the serving side read before are all still there.
-    assert {"format", "model", "geometry", "tokenizer", "scheduler_config", "components"} <= set(
-        manifest
-    )
+    assert manifest == load_manifest(weights)  # the model reads what the export wrote
 
 
 def test_torch_runtime_on_the_cpu_is_fp32(torch_core: StableDiffusionCore) -> None:
@@ -99,29 +97,21 @@ def test_torch_and_onnxruntime_agree_and_batch_mates_do_not_matter(
 
 
 def test_onnx_runtimes_refuse_a_torch_only_export(weights: Path) -> None:
-    from sd_runtimes import load_components
-
-    manifest = json.loads((weights / "manifest.json").read_text())
+    manifest = load_manifest(weights)
+    settings = RuntimeSettings("onnxruntime", 1, "")
     with pytest.raises(RuntimeError, match="--torch-only"):
-        load_components(weights, {**manifest, "runtime": "torch"}, "onnxruntime", 1)
-    with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
-        load_components(weights, manifest, "tvm", 1)
+        load_components(
+            weights, {**manifest, "runtime": "torch"}, settings, max_batch_size=1, default_size=128
+        )
 
 
 def test_output_shapes_for_io_binding_follow_the_manifest(weights: Path) -> None:
-    manifest = json.loads((weights / "manifest.json").read_text())
-    geo, comps = manifest["geometry"], manifest["components"]
-    ids = torch.zeros((3, 77), dtype=torch.int64)
-    assert output_shape(comps["text_encoder"], geo, (ids,)) == (3, 77, geo["hidden"])
-    sample = torch.zeros((4, 4, 18, 16))
-    unet_in = (sample, torch.zeros(4), torch.zeros((4, 77, geo["hidden"])))
-    assert output_shape(comps["unet"], geo, unet_in) == (4, 4, 18, 16)
-    assert output_shape(comps["vae_decoder"], geo, (torch.zeros((2, 4, 18, 16)),)) == (
-        2,
-        3,
-        144,
-        128,
-    )
+    manifest = load_manifest(weights)
+    hidden = manifest["dimensions"]["hidden"]
+    assert output_shape(manifest, "text_encoder", [(3, 77)]) == (3, 77, hidden)
+    unet_in = [(4, 4, 18, 16), (4,), (4, 77, hidden)]
+    assert output_shape(manifest, "unet", unet_in) == (4, 4, 18, 16)
+    assert output_shape(manifest, "vae_decoder", [(2, 4, 18, 16)]) == (2, 3, 144, 128)
 
 
 def _has_cuda_onnxruntime() -> bool:
@@ -139,7 +129,7 @@ def _has_cuda_onnxruntime() -> bool:
 def test_onnxruntime_cuda_matches_the_cpu_runtime(
     weights: Path, onnx_core: StableDiffusionCore
 ) -> None:
-    cuda_core = StableDiffusionCore(weights, runtime="onnxruntime_cuda")
+    cuda_core = make_core(weights, runtime="onnxruntime_cuda")
     (gpu,) = cuda_core.generate([cuda_core.row(request())])
     (cpu,) = onnx_core.generate([onnx_core.row(request())])
     assert gpu is not None and cpu is not None
@@ -150,7 +140,7 @@ def test_onnxruntime_cuda_matches_the_cpu_runtime(
 def test_torch_runtime_on_cuda_is_fp16_and_close_to_the_cpu(
     weights: Path, onnx_core: StableDiffusionCore
 ) -> None:
-    cuda_core = StableDiffusionCore(weights, runtime="torch")
+    cuda_core = make_core(weights, runtime="torch")
     assert cuda_core.device.type == "cuda"
     (gpu,) = cuda_core.generate([cuda_core.row(request())])
     (cpu,) = onnx_core.generate([onnx_core.row(request())])
@@ -159,14 +149,22 @@ def test_torch_runtime_on_cuda_is_fp16_and_close_to_the_cpu(
     assert np.abs(gpu.astype(int) - cpu.astype(int)).mean() < 8
 
 
-def test_torch_compile_modes_are_checked(weights: Path) -> None:
-    from sd_runtimes import load_components
-
-    manifest = json.loads((weights / "manifest.json").read_text())
-    with pytest.raises(ValueError, match="unknown torch_compile mode 'fast'"):
-        load_components(weights, manifest, "torch", 1, compile_mode="fast")
-    with pytest.raises(ValueError, match="applies to runtime torch, not onnxruntime"):
-        load_components(weights, manifest, "onnxruntime", 1, compile_mode="default")
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"runtime": "tvm"}, "parameter runtime 'tvm': choose from onnxruntime"),
+        ({"intra_op_threads": "0"}, "intra_op_threads '0' is not a positive integer"),
+        ({"torch_compile": "fast"}, "parameter torch_compile 'fast': choose from"),
+        ({"torch_compile": "default"}, "applies to runtime torch, not onnxruntime"),
+    ],
+)
+def test_runtime_parameters_are_checked(weights: Path, changes: dict, message: str) -> None:
+    parameters, _ = core_config(weights, **changes)
+    with pytest.raises(ConfigError, match=message):
+        RuntimeSettings.from_config(parameters)
+    del parameters["runtime"]
+    with pytest.raises(ConfigError, match="parameter runtime is missing"):
+        RuntimeSettings.from_config(parameters)
 
 
 def compiled_matches_eager(compiled: StableDiffusionCore, eager: StableDiffusionCore) -> None:
@@ -188,7 +186,7 @@ def test_torch_compile_matches_eager_on_the_cpu(
     weights: Path, torch_core: StableDiffusionCore
 ) -> None:
     """torch.compile (inductor, dynamic shapes) of the UNet; the warm-up pays for it."""
-    compiled = StableDiffusionCore(weights, runtime="torch", compile_mode="default")
+    compiled = make_core(weights, runtime="torch", torch_compile="default")
     compiled.warm_up()
     compiled_matches_eager(compiled, torch_core)
 
@@ -198,7 +196,7 @@ def test_torch_compile_matches_eager_on_the_cpu(
     reason="CUDA graphs need a CUDA GPU; perf/gpu_bench.py serves this mode on the GPU machine",
 )
 def test_torch_compile_with_cuda_graphs_matches_eager_on_cuda(weights: Path) -> None:
-    eager = StableDiffusionCore(weights, runtime="torch")
-    graphed = StableDiffusionCore(weights, runtime="torch", compile_mode="reduce-overhead")
+    eager = make_core(weights, runtime="torch")
+    graphed = make_core(weights, runtime="torch", torch_compile="reduce-overhead")
     graphed.warm_up()
     compiled_matches_eager(graphed, eager)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from export.__main__ import main as export_main
 from gateway.triton_client import (
     MODEL_NAME,
     ImageParams,
@@ -18,6 +22,7 @@ from gateway.triton_client import (
     make_inputs,
     make_outputs,
 )
+from launcher.process import ServiceError
 from launcher.triton import Triton
 
 AXE = ImageParams(
@@ -207,3 +212,89 @@ def test_command_line_client_writes_the_png(triton: Triton, protocol: str, tmp_p
     assert code == 0
     (expected,) = generate(triton.grpc_url, [AXE])
     assert np.array_equal(np.asarray(Image.open(out)), expected.pixels)
+
+
+# Every parameter of the generation contract (version 1) the gateway reads from Triton.
+CONTRACT_PARAMETERS = {
+    "contract_version",
+    "schedulers",
+    "default_scheduler",
+    "min_size",
+    "max_size",
+    "min_steps",
+    "max_steps",
+    "default_steps",
+    "min_guidance",
+    "max_guidance",
+    "default_guidance",
+    "unguided_at_most",
+    "max_prompt_chars",
+    "prompt_overflow",
+    "max_seed",
+    # copied from the weights' manifest by `python -m export config`
+    "model_name",
+    "model_version",
+    "size_multiple",
+    "default_size",
+    "max_prompt_tokens",
+}
+
+
+def served_config(triton: Triton) -> dict[str, Any]:
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        return dict(client.get_model_config(MODEL_NAME, as_json=True)["config"])
+
+
+def test_the_served_config_publishes_the_generation_contract(triton: Triton, weights: Path) -> None:
+    config = served_config(triton)
+    parameters = {k: v.get("string_value", "") for k, v in config["parameters"].items()}
+    assert set(parameters) >= CONTRACT_PARAMETERS
+    assert int(config["max_batch_size"]) == 8
+    manifest = json.loads((weights / "manifest.json").read_text())
+    assert parameters["default_size"] == str(manifest["contract"]["default_size"]) == "128"
+    assert parameters["max_prompt_tokens"] == "77" and parameters["size_multiple"] == "16"
+    assert parameters["schedulers"].split(",") == [
+        "ddim",
+        "euler",
+        "euler_ancestral",
+        "dpmpp_2m",
+        "lcm",
+        "pndm",
+    ]
+    assert parameters["max_seed"] == str(2**63 - 1)
+
+
+def test_a_request_with_only_a_prompt_is_resolved_by_the_model(triton: Triton) -> None:
+    prompt = grpcclient.InferInput("prompt", [1, 1], "BYTES")
+    prompt.set_data_from_numpy(np.array([[b"a frost-forged legendary axe"]], dtype=np.object_))
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        results = [
+            client.infer(MODEL_NAME, [prompt], outputs=make_outputs(grpcclient)) for _ in range(2)
+        ]
+    images = [r.as_numpy("generated_image") for r in results]
+    seeds = [int(r.as_numpy("seed")[0, 0]) for r in results]
+    assert images[0].shape == (1, 128, 128, 3)  # default_size, from the weights
+    assert seeds[0] != seeds[1] and all(0 <= s <= 2**63 - 1 for s in seeds)
+    # The returned seed is the one used: asked for explicitly, it gives the same image.
+    (replay,) = generate(
+        triton.grpc_url, [ImageParams(prompt=AXE.prompt, seed=seeds[0], width=128, height=128)]
+    )
+    assert np.array_equal(replay.pixels, images[0][0])
+
+
+def test_a_bad_contract_stops_the_model_from_loading_naming_the_parameter(
+    repository: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "model_repository"
+    shutil.copytree(repository, copy, symlinks=True)
+    # Offers two schedulers, but leaves the committed default (dpmpp_2m) out.
+    argv = ["config", "--repository", str(copy), "--parameter", "schedulers=euler,ddim"]
+    assert export_main([*argv, "--parameter", "max_size=256"]) == 0
+    server = Triton(copy, tmp_path / "triton").start()
+    try:
+        with pytest.raises(ServiceError) as caught:
+            server.load()
+    finally:
+        server.stop()
+    message = str(caught.value).splitlines()[0]
+    assert "default_scheduler 'dpmpp_2m' is not offered by schedulers (euler, ddim)" in message

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -26,7 +27,7 @@ from launcher.kafka import KafkaBroker
 from launcher.process import free_port
 from launcher.redis import RedisServer
 from launcher.triton import Triton
-from tests.conftest import DEV_KEY, ROOT, JobsStack, gateway_env
+from tests.conftest import DEV_KEY, NARROW_CONTRACT, ROOT, JobsStack, gateway_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -221,8 +222,7 @@ def test_a_bad_key_is_refused_then_the_builder_follows_the_schema(
         "style": "pixel",
     }
     choose(page, **weapon, text="  chipped   blade ")
-    model = templates.request_model()
-    expected, _ = templates.render(model(**weapon, text="  chipped   blade "))
+    expected, _ = templates.render(SimpleNamespace(**weapon, text="  chipped   blade "))
     expect(page.locator("#f-prompt")).to_have_value(expected)
     expect(page.locator("#prompt-mode")).to_have_text("from the studio template")
 
@@ -240,6 +240,21 @@ def test_a_bad_key_is_refused_then_the_builder_follows_the_schema(
     expect(page.locator("#key-panel")).to_be_visible()
     expect(page.locator("#workspace")).to_be_hidden()
     assert page.evaluate("localStorage.getItem('forge.apiKey')") is None
+
+
+def test_the_builder_offers_what_the_models_contract_allows(
+    narrow_gateway: GatewayServer, page: Page
+) -> None:
+    """The narrow contract (conftest.NARROW_CONTRACT): the page follows it, no code changed."""
+    open_forge(page, narrow_gateway.url)
+    values = "os => os.map(o => o.value)"
+    schedulers = page.locator("#f-scheduler option").evaluate_all(values)
+    assert schedulers == NARROW_CONTRACT["schedulers"].split(",")
+    expect(page.locator("#f-scheduler")).to_have_value(NARROW_CONTRACT["default_scheduler"])
+    # The tiny model: default 128 x 128, multiples of 16; this contract stops at 256.
+    assert page.locator("#f-size option").evaluate_all(values) == ["", "64x64", "256x256"]
+    expect(page.locator("#f-size option").first).to_have_text("Model default (128 × 128)")
+    expect(page.locator("#f-steps")).to_have_attribute("max", NARROW_CONTRACT["max_steps"])
 
 
 def test_forge_then_same_seed_then_variations_as_async_jobs(stack: JobsStack, page: Page) -> None:
@@ -376,7 +391,7 @@ def test_readme_screenshot(stack: JobsStack, page: Page) -> None:
     page.set_viewport_size({"width": 1440, "height": 960})
     open_forge(page, gateway_url(stack))
     choose(page, weapon_type="axe", material="obsidian", element="frost", rarity="legendary")
-    choose(page, steps="20", size="128x128", seed="20261126")
+    choose(page, steps="20", size="", seed="20261126")  # the model default, 128 x 128
     page.get_by_role("button", name="Forge", exact=True).click()
     expect(cards(page)).to_have_count(1, timeout=60_000)
     cards(page).nth(0).get_by_role("button", name=re.compile("^Variations")).click()

@@ -4,9 +4,12 @@
 const KEY_STORAGE = "forge.apiKey";
 const POLL_START_MS = 500;
 const POLL_MAX_MS = 3000;
-const SEED_MAX = (1n << 63n) - 1n;
-// Seeds go up to 2^63-1, past JavaScript's exact integers: they travel as BigInt here.
+// Seeds go up to 2^63-1, past JavaScript's exact integers: they travel as BigInt here, and so
+// does any integer of the API's documents past Number's exact range (the seed's maximum).
 const SEED_FIELD = /"seed"\s*:\s*(-?\d+)/g;
+// Square sizes the page offers, and tall/wide ones, where the model's contract allows them.
+const SIZE_CANDIDATES = [[64, 64], [128, 128], [256, 256], [512, 512], [512, 768], [768, 512],
+  [768, 768], [1024, 1024]];
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -32,13 +35,19 @@ const state = {
   retryTimer: null,
   cards: 0,
   seenIds: new Map(),    // asset id -> card number that first showed it
+  seedMax: null,         // the seed's maximum, from the API's schema (BigInt)
 };
 
 // ---------- JSON with exact seeds ----------
 
 function parseJson(text) {
-  return JSON.parse(text.replace(SEED_FIELD, '"seed":"$1"'), (k, v) =>
-    k === "seed" && typeof v === "string" && /^-?\d+$/.test(v) ? BigInt(v) : v);
+  return JSON.parse(text.replace(SEED_FIELD, '"seed":"$1"'), (k, v, context) => {
+    if (k === "seed" && typeof v === "string" && /^-?\d+$/.test(v)) return BigInt(v);
+    if (typeof v === "number" && Number.isInteger(v) && !Number.isSafeInteger(v) && context?.source) {
+      return BigInt(context.source);
+    }
+    return v;
+  });
 }
 
 function toJson(value) {
@@ -149,6 +158,23 @@ function buildBuilder(openapi) {
   const guidance = opt("guidance_scale");
   Object.assign(el.guidance, { min: guidance.minimum ?? 0, max: guidance.maximum ?? 30, value: guidance.default ?? 7.5 });
   el.text.maxLength = opt("text").maxLength ?? 120;
+  fillSizes(opt("width"), opt("height"));
+  const seed = opt("seed");
+  const bound = [seed, ...(seed.anyOf || [])].map((s) => deref(openapi, s).maximum).find((m) => m !== undefined);
+  state.seedMax = bound === undefined ? null : BigInt(bound);
+}
+
+// The size choices the model's contract allows: the default first, then the candidates
+// within the bounds and on the size multiple, as the OpenAPI schema states them.
+function fillSizes(width, height) {
+  const fits = (v, s) => v >= (s.minimum ?? 0) && v <= (s.maximum ?? Infinity) && v % (s.multipleOf ?? 1) === 0;
+  const label = (w, h) => `${w} × ${h}${w > h ? " (wide)" : w < h ? " (tall)" : ""}`;
+  const allowed = SIZE_CANDIDATES.filter(([w, h]) => fits(w, width) && fits(h, height)
+    && !(w === width.default && h === height.default));
+  el.size.replaceChildren(
+    new Option(`Model default (${width.default} × ${height.default})`, "", true, true),
+    ...allowed.map(([w, h]) => new Option(label(w, h), `${w}x${h}`)),
+  );
 }
 
 // The same rendering as WeaponTemplates.render on the server (gateway/weapons.py).
@@ -463,7 +489,7 @@ function addCard(result, kind, body) {
   variations.setAttribute("aria-label", `Variations of image ${n}: the next three seeds`);
   variations.addEventListener("click", () => {
     const seed = BigInt(result.seed);
-    const seeds = [1n, 2n, 3n].map((d) => (seed + d <= SEED_MAX ? seed + d : seed - d));
+    const seeds = [1n, 2n, 3n].map((d) => (state.seedMax === null || seed + d <= state.seedMax ? seed + d : seed - d));
     forge(kind, seeds.map((s) => ({ ...body, seed: s })), `Variations of image ${n}`);
   });
   const first = state.seenIds.get(result.id);

@@ -10,9 +10,9 @@ Sources, all read at render time so the picture cannot drift from what is deploy
 - model_repository/stable_diffusion/config.pbtxt: the dynamic batcher's defaults;
 - perf/RESULTS.md: every row of its tables (figure, value, kind), shown beside the seed's claims.
 
-The layout follows the seed (shared/seed/000_f829f1d025566563.txt): five layers left to right,
-its colour scheme, the 11-step data flow numbered on the edges, and the security boundaries
-(public edge, private services, the tainted GPU node).
+The layout follows the seed architecture (Option 3: Custom Kubernetes Deployment): five layers
+left to right, its colour scheme, the 11-step data flow numbered on the edges, and the security
+boundaries (public edge, private services, the tainted GPU node).
 """
 
 from __future__ import annotations
@@ -106,6 +106,9 @@ class PerfRow:
 
 @dataclass
 class Architecture:
+    """The picture's model: the cluster's name, the boxes, the numbered flow, the other links,
+    the performance panel's rows and what perf/RESULTS.md lists as not measured."""
+
     name: str
     components: list[Component] = field(default_factory=list)
     flows: list[Flow] = field(default_factory=list)
@@ -115,6 +118,7 @@ class Architecture:
     sources: list[str] = field(default_factory=list)
 
     def component(self, cid: str) -> Component:
+        """The component with this id."""
         return next(c for c in self.components if c.id == cid)
 
 
@@ -133,6 +137,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_values(root: Path, values_files: tuple[str, ...] | list[str] = DEFAULT_VALUES) -> dict:
+    """helm/forge/values.yaml with the values files (relative to root) merged over it, in order."""
     values = yaml.safe_load((root / "helm/forge/values.yaml").read_text())
     for name in values_files:
         values = deep_merge(values, yaml.safe_load((root / name).read_text()) or {})
@@ -175,19 +180,23 @@ def parse_results(path: Path) -> tuple[list[PerfRow], list[str]]:
 
 
 def _pbtxt_int(text: str, key: str) -> int | None:
+    """The integer after `key:` in a Triton config.pbtxt, or None when absent."""
     match = re.search(rf"^\s*{key}\s*:\s*(\d+)", text, re.MULTILINE)
     return int(match.group(1)) if match else None
 
 
 def _thousands(value: Any) -> str:
+    """3000 -> "3,000"."""
     return f"{int(value):,}"
 
 
 def _range(lo: Any, hi: Any) -> str:
+    """ "lo-hi", or "lo" alone when both are equal."""
     return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def _node_group(cluster: dict, label: str) -> dict:
+    """The eksctl node group labelled forge.crafterse.io/node=label."""
     for group in cluster.get("managedNodeGroups", []) + cluster.get("nodeGroups", []):
         if group.get("labels", {}).get("forge.crafterse.io/node") == label:
             return dict(group)
@@ -197,6 +206,7 @@ def _node_group(cluster: dict, label: str) -> dict:
 
 
 def _spec(instance_type: str) -> str:
+    """What an instance type offers (GPU, vCPUs, memory)."""
     return INSTANCE_TYPES.get(instance_type, "see AWS instance types")
 
 
@@ -206,21 +216,25 @@ def _bounds(component: dict) -> str:
 
 
 def _plural(n: int, word: str) -> str:
+    """ "1 pod", "2 pods"."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 # --- the model of the picture -------------------------------------------------------------------
 
 
-def build_architecture(
-    root: Path = ROOT, values_files: tuple[str, ...] | list[str] = DEFAULT_VALUES
-) -> Architecture:
-    v = load_values(root, values_files)
-    cluster = yaml.safe_load((root / "helm/eks/cluster.yaml").read_text())
-    general = _node_group(cluster, "general")
-    gpu = _node_group(cluster, "gpu")
-    pbtxt = (root / "model_repository/stable_diffusion/config.pbtxt").read_text()
-    monitoring_dir = root / "helm/forge/files/monitoring"
+@dataclass(frozen=True)
+class MonitoringFiles:
+    """What helm/forge/files/monitoring/ holds: alert names, rule files, dashboards, receivers."""
+
+    alerts: list[str]
+    rule_files: int
+    dashboards: list[str]
+    receivers: list[str]
+
+
+def read_monitoring(monitoring_dir: Path) -> MonitoringFiles:
+    """The alert rules, Grafana dashboard titles and Alertmanager receivers of the chart."""
     rule_files = sorted((monitoring_dir / "rules").glob("*.yml"))
     alerts = [
         rule["alert"]
@@ -235,6 +249,17 @@ def build_architecture(
     ]
     am = yaml.safe_load((monitoring_dir / "alertmanager.yml").read_text())
     receivers = [r["name"] for r in am.get("receivers", [])]
+    return MonitoringFiles(alerts, len(rule_files), dashboards, receivers)
+
+
+def build_architecture(
+    root: Path = ROOT, values_files: tuple[str, ...] | list[str] = DEFAULT_VALUES
+) -> Architecture:
+    """The picture's model: every component, flow and link, read from the deployment's files."""
+    v = load_values(root, values_files)
+    cluster = yaml.safe_load((root / "helm/eks/cluster.yaml").read_text())
+    pbtxt = (root / "model_repository/stable_diffusion/config.pbtxt").read_text()
+    monitoring = read_monitoring(root / "helm/forge/files/monitoring")
     perf, not_measured = parse_results(root / "perf/RESULTS.md")
 
     arch = Architecture(name=cluster["metadata"]["name"], perf=perf, not_measured=not_measured)
@@ -246,135 +271,214 @@ def build_architecture(
         "model_repository/stable_diffusion/config.pbtxt",
         "perf/RESULTS.md",
     ]
-    add = arch.components.append
-
-    gw, wk, tr = v["gateway"], v["workers"], v["triton"]
-    kafka, redis, sc, mon = v["kafka"], v["redis"], v["storageClass"], v["monitoring"]
     assets = v["forge"]["assets"]
+    arch.components = [
+        *user_and_api_layer(v["gateway"]),
+        *kubernetes_layer(v, cluster),
+        *ai_processing_layer(v["triton"], pbtxt),
+        *message_queue_layer(v["kafka"], v["workers"]),
+        *data_layer(v["redis"], v["storageClass"], assets),
+        *monitoring_layer(v["monitoring"], monitoring),
+        cdn(assets),
+    ]
+    arch.components.sort(key=_column_position)
+    arch.flows = list(DATA_FLOW)
+    arch.links = list(LINKS)
+    return arch
 
-    # 1 · User & API layer: the public edge, then the gateway pods.
-    add(
-        Component(
-            "client",
-            "public",
-            "Game Client (Web/Mobile)",
-            ("game build tools, the forge web page", "HTTPS + API key (Bearer)"),
-            API,
-        )
+
+# Within a column, top to bottom: Kafka's persistence above the cluster it belongs to.
+MQ_TOP_DOWN = {"persistence": 0, "kafka": 1, "topics": 2, "workers": 3}
+
+
+def _column_position(c: Component) -> tuple[bool, int]:
+    """Sort key: the message queue layer's components last, in MQ_TOP_DOWN order."""
+    return (c.group != "mq", MQ_TOP_DOWN.get(c.id, 0))
+
+
+# The seed's data flow, step by step, on our components.
+DATA_FLOW: tuple[Flow, ...] = (
+    Flow(1, "client", "alb", "weapon request"),
+    Flow(2, "alb", "api", "to the API pods"),
+    Flow(3, "auth", "svc", "validated, forwarded"),
+    Flow(4, "svc", "sdpods", "routed to a GPU pod"),
+    Flow(5, "sdpods", "inference", "Stable Diffusion"),
+    Flow(6, "batching", "kafka", "batch jobs, results queued"),
+    Flow(7, "workers", "redis", "cache + job state"),
+    Flow(8, "workers", "assets", "asset saved"),
+    Flow(9, "sdpods", "prometheus", "metrics scraped"),
+    Flow(10, "prometheus", "grafana", "dashboards"),
+    Flow(11, "assets", "cdn", "delivered via CDN"),
+    Flow(11, "prometheus", "alertmanager", "monitoring alerts"),
+)
+
+# Unnumbered links between components: src, dst, label.
+LINKS: tuple[tuple[str, str, str], ...] = (
+    ("api", "auth", ""),
+    ("inference", "batching", ""),
+    ("kafka", "topics", ""),
+    ("topics", "workers", ""),
+    ("persistence", "kafka", ""),
+    ("redis", "ebs", "volumes"),
+    ("eks", "nodes", ""),
+    ("nodes", "gpunode", ""),
+    ("autoscaling", "gpunode", ""),
+)
+
+
+# --- 1 · User & API layer: the public edge, then the gateway pods --------------------------------
+
+
+def user_and_api_layer(gw: dict) -> list[Component]:
+    """The game client and the load balancer (public edge), the gateway and its auth."""
+    return [game_client(), load_balancer(gw["ingress"]), backend_api(gw), auth_and_rate_limits()]
+
+
+def game_client() -> Component:
+    """Who calls the API, and how."""
+    return Component(
+        "client",
+        "public",
+        "Game Client (Web/Mobile)",
+        ("game build tools, the forge web page", "HTTPS + API key (Bearer)"),
+        API,
     )
-    ingress = gw["ingress"]
-    if ingress["enabled"]:
-        tls = "TLS from ACM, " + ingress["sslPolicy"] if ingress["certificateArn"] else "HTTP only"
-        add(
-            Component(
-                "alb",
-                "public",
-                "Load Balancer (AWS ALB)",
-                (f"{ingress['scheme']}, target type ip", tls, "health check /readyz"),
-                LOAD_BALANCER,
-            )
+
+
+def load_balancer(ingress: dict) -> Component:
+    """The ALB the ingress creates, or none when the ingress is off."""
+    if not ingress["enabled"]:
+        return Component(
+            "alb",
+            "public",
+            "Load Balancer: none",
+            ("gateway.ingress.enabled=false", "kubectl port-forward"),
+            LOAD_BALANCER,
         )
-    else:
-        add(
-            Component(
-                "alb",
-                "public",
-                "Load Balancer: none",
-                ("gateway.ingress.enabled=false", "kubectl port-forward"),
-                LOAD_BALANCER,
-            )
-        )
+    tls = "TLS from ACM, " + ingress["sslPolicy"] if ingress["certificateArn"] else "HTTP only"
+    return Component(
+        "alb",
+        "public",
+        "Load Balancer (AWS ALB)",
+        (f"{ingress['scheme']}, target type ip", tls, "health check /readyz"),
+        LOAD_BALANCER,
+    )
+
+
+def backend_api(gw: dict) -> Component:
+    """The FastAPI gateway: port, pod count (or HPA bounds) and endpoints."""
     if gw["autoscaling"]["enabled"]:
         gw_pods = (
             f"{_bounds(gw)} pods (HPA, {gw['autoscaling']['targetCPUUtilizationPercentage']}% CPU)"
         )
     else:
         gw_pods = _plural(gw["replicaCount"], "pod")
-    add(
-        Component(
-            "api",
-            "api",
-            "Crafterse Backend API",
-            (
-                "FastAPI gateway :" + str(gw["service"]["port"]),
-                gw_pods,
-                "sync /v1/images, async /v1/jobs",
-            ),
-            API,
-        )
-    )
-    add(
-        Component(
-            "auth",
-            "api",
-            "Authentication & Rate Limiting",
-            (
-                "API keys (SHA-256), scopes, tiers",
-                "sliding-window limits in Redis",
-                "validation, idempotency keys",
-            ),
-            API,
-        )
+    return Component(
+        "api",
+        "api",
+        "Crafterse Backend API",
+        (
+            "FastAPI gateway :" + str(gw["service"]["port"]),
+            gw_pods,
+            "sync /v1/images, async /v1/jobs",
+        ),
+        API,
     )
 
-    # 2 · Kubernetes cluster layer.
-    add(
-        Component(
-            "svc",
-            "k8s",
-            "Kubernetes Service (Triton)",
-            (
-                f"ClusterIP, gRPC :{tr['service']['grpcPort']}",
-                "NetworkPolicy: gateway and workers only"
-                if v["networkPolicy"]["enabled"]
-                else "no NetworkPolicy",
-            ),
-            KUBERNETES,
-        )
+
+def auth_and_rate_limits() -> Component:
+    """The gateway's API keys, rate limits and request validation."""
+    return Component(
+        "auth",
+        "api",
+        "Authentication & Rate Limiting",
+        (
+            "API keys (SHA-256), scopes, tiers",
+            "sliding-window limits in Redis",
+            "validation, idempotency keys",
+        ),
+        API,
     )
 
-    add(
-        Component(
-            "eks",
-            "k8s",
-            "EKS Control Plane",
-            (
-                f"{cluster['metadata']['name']}, Kubernetes {cluster['metadata']['version']}",
-                f"AWS-managed, {cluster['metadata']['region']}",
-            ),
-            KUBERNETES,
-        )
+
+# --- 2 · Kubernetes cluster layer ----------------------------------------------------------------
+
+
+def kubernetes_layer(v: dict, cluster: dict) -> list[Component]:
+    """Triton's Service, the EKS control plane, both node groups and the autoscalers."""
+    return [
+        triton_service(v["triton"], v["networkPolicy"]["enabled"]),
+        eks_control_plane(cluster["metadata"]),
+        worker_nodes(_node_group(cluster, "general")),
+        gpu_node(_node_group(cluster, "gpu")),
+        autoscaling(v["gateway"], v["workers"], v["triton"]),
+    ]
+
+
+def triton_service(tr: dict, network_policy: bool) -> Component:
+    """The ClusterIP Service in front of Triton's gRPC port."""
+    return Component(
+        "svc",
+        "k8s",
+        "Kubernetes Service (Triton)",
+        (
+            f"ClusterIP, gRPC :{tr['service']['grpcPort']}",
+            "NetworkPolicy: gateway and workers only" if network_policy else "no NetworkPolicy",
+        ),
+        KUBERNETES,
     )
+
+
+def eks_control_plane(metadata: dict) -> Component:
+    """The cluster's name, Kubernetes version and region."""
+    return Component(
+        "eks",
+        "k8s",
+        "EKS Control Plane",
+        (
+            f"{metadata['name']}, Kubernetes {metadata['version']}",
+            f"AWS-managed, {metadata['region']}",
+        ),
+        KUBERNETES,
+    )
+
+
+def worker_nodes(general: dict) -> Component:
+    """The general node group: instance type, count and bounds, what runs there."""
     general_type = general["instanceType"]
-    add(
-        Component(
-            "nodes",
-            "k8s",
-            "Worker Nodes",
-            (
-                f"{general['desiredCapacity']}x {general_type} ({_spec(general_type)})",
-                f"node group '{general['name']}', "
-                f"{_range(general['minSize'], general['maxSize'])} nodes",
-                "gateway, workers, Kafka, Redis, monitoring",
-            ),
-            KUBERNETES,
-        )
+    return Component(
+        "nodes",
+        "k8s",
+        "Worker Nodes",
+        (
+            f"{general['desiredCapacity']}x {general_type} ({_spec(general_type)})",
+            f"node group '{general['name']}', "
+            f"{_range(general['minSize'], general['maxSize'])} nodes",
+            "gateway, workers, Kafka, Redis, monitoring",
+        ),
+        KUBERNETES,
     )
+
+
+def gpu_node(gpu: dict) -> Component:
+    """The GPU node group: instance type, count and bounds, its taint."""
     gpu_type = gpu["instanceType"]
     taints = ", ".join(f"{t['key']}={t['value']}:{t['effect']}" for t in gpu.get("taints", []))
-    add(
-        Component(
-            "gpunode",
-            "k8s",
-            "GPU Node",
-            (
-                f"{gpu['desiredCapacity']}x {gpu_type} ({_spec(gpu_type)})",
-                f"node group '{gpu['name']}', {_range(gpu['minSize'], gpu['maxSize'])} nodes",
-                f"taint {taints}" if taints else "no taint",
-            ),
-            GPU,
-        )
+    return Component(
+        "gpunode",
+        "k8s",
+        "GPU Node",
+        (
+            f"{gpu['desiredCapacity']}x {gpu_type} ({_spec(gpu_type)})",
+            f"node group '{gpu['name']}', {_range(gpu['minSize'], gpu['maxSize'])} nodes",
+            f"taint {taints}" if taints else "no taint",
+        ),
+        GPU,
     )
+
+
+def autoscaling(gw: dict, wk: dict, tr: dict) -> Component:
+    """Which autoscaler scales the gateway, the workers and Triton, within what bounds."""
     scaling = []
     if gw["autoscaling"]["enabled"]:
         scaling.append(f"gateway HPA {_bounds(gw)}")
@@ -389,178 +493,207 @@ def build_architecture(
             f" on queue time > {tr['autoscaling']['queueTimeThresholdMs']} ms"
         )
     scaling.append("cluster-autoscaler adds nodes")
-    add(Component("autoscaling", "k8s", "Auto-scaling Configuration", tuple(scaling), KUBERNETES))
-    # 3 · AI processing layer: the pods on the GPU node.
+    return Component("autoscaling", "k8s", "Auto-scaling Configuration", tuple(scaling), KUBERNETES)
+
+
+# --- 3 · AI processing layer: the pods on the GPU node -------------------------------------------
+
+
+def ai_processing_layer(tr: dict, pbtxt: str) -> list[Component]:
+    """Triton's pods, the inference runtime, the dynamic batcher and the model optimisation."""
+    return [
+        stable_diffusion_pods(tr),
+        gpu_inference(tr["model"]),
+        batch_queues(tr["model"], pbtxt),
+        model_optimization(tr["tensorrt"]),
+    ]
+
+
+def stable_diffusion_pods(tr: dict) -> Component:
+    """Triton's pods: model, pod count (or KEDA bounds), GPUs, where the weights come from."""
     if tr["autoscaling"]["enabled"]:
         tr_pods = f"{_bounds(tr)} pods"
     else:
         tr_pods = _plural(tr["replicaCount"], "pod")
-    add(
-        Component(
-            "sdpods",
-            "gpu",
-            "Custom Stable Diffusion Pods",
-            (
-                f"NVIDIA Triton, model {tr['modelName']}",
-                f"{tr_pods}, {tr['gpus']} GPU each",
-                f"weights from {tr['modelRepository']['source'].upper()}, startup probe",
-            ),
-            GPU,
-        )
-    )
-    add(
-        Component(
-            "inference",
-            "gpu",
-            "GPU-accelerated Inference",
-            (
-                f"runtime {tr['model']['runtime']}, {tr['model']['instanceKind']}",
-                "text encoder, UNet denoise loop, VAE",
-            ),
-            GPU,
-        )
-    )
-    max_batch = tr["model"]["maxBatchSize"] or _pbtxt_int(pbtxt, "max_batch_size")
-    delay_us = tr["model"]["maxQueueDelayUs"]
-    if delay_us is None:
-        delay_us = _pbtxt_int(pbtxt, "max_queue_delay_microseconds") or 0
-    add(
-        Component(
-            "batching",
-            "gpu",
-            "Batch Processing Queues",
-            (
-                "Triton dynamic batcher",
-                f"max batch {max_batch}, queue delay {delay_us / 1000:g} ms",
-            ),
-            GPU,
-        )
+    return Component(
+        "sdpods",
+        "gpu",
+        "Custom Stable Diffusion Pods",
+        (
+            f"NVIDIA Triton, model {tr['modelName']}",
+            f"{tr_pods}, {tr['gpus']} GPU each",
+            f"weights from {tr['modelRepository']['source'].upper()}, startup probe",
+        ),
+        GPU,
     )
 
-    add(
-        Component(
-            "optimize",
-            "gpu",
-            "Model Optimization Layer",
-            (
-                "ONNX export + parity check vs. torch",
-                "TensorRT engines: "
-                + ("built on the T4 at start" if tr["tensorrt"]["build"] else "off (issue 7)"),
-            ),
-            GPU,
-        )
+
+def gpu_inference(model: dict) -> Component:
+    """The model's runtime and instance kind."""
+    return Component(
+        "inference",
+        "gpu",
+        "GPU-accelerated Inference",
+        (
+            f"runtime {model['runtime']}, {model['instanceKind']}",
+            "text encoder, UNet denoise loop, VAE",
+        ),
+        GPU,
     )
-    # 4 · Message queue layer.
-    topics = kafka["topics"]
-    if kafka["mode"] == "strimzi":
-        s = kafka["strimzi"]
-        replication = min(2, s["brokers"])
-        add(
-            Component(
-                "kafka",
-                "mq",
-                "Apache Kafka Cluster",
-                (
-                    f"Strimzi, Kafka {s['version']}",
-                    f"{_plural(s['brokers'], 'broker')} + {s['controllers']} KRaft controllers",
-                    f"topic replication {replication}",
-                ),
-                KAFKA,
-            )
+
+
+def batch_queues(model: dict, pbtxt: str) -> Component:
+    """Triton's dynamic batcher: the values' overrides, else the committed config.pbtxt's."""
+    max_batch = model["maxBatchSize"] or _pbtxt_int(pbtxt, "max_batch_size")
+    delay_us = model["maxQueueDelayUs"]
+    if delay_us is None:
+        delay_us = _pbtxt_int(pbtxt, "max_queue_delay_microseconds") or 0
+    return Component(
+        "batching",
+        "gpu",
+        "Batch Processing Queues",
+        (
+            "Triton dynamic batcher",
+            f"max batch {max_batch}, queue delay {delay_us / 1000:g} ms",
+        ),
+        GPU,
+    )
+
+
+def model_optimization(tensorrt: dict) -> Component:
+    """The ONNX export and whether TensorRT engines are built at start."""
+    return Component(
+        "optimize",
+        "gpu",
+        "Model Optimization Layer",
+        (
+            "ONNX export + parity check vs. torch",
+            "TensorRT engines: " + ("built on the T4 at start" if tensorrt["build"] else "off"),
+        ),
+        GPU,
+    )
+
+
+# --- 4 · Message queue layer ---------------------------------------------------------------------
+
+
+def message_queue_layer(kafka: dict, wk: dict) -> list[Component]:
+    """The Kafka cluster, its topics and persistence, and the workers that consume them."""
+    return [
+        kafka_cluster(kafka),
+        topic_routing(kafka),
+        message_persistence(kafka),
+        kafka_workers(wk),
+    ]
+
+
+def kafka_cluster(kafka: dict) -> Component:
+    """Strimzi's brokers and controllers, or the external MSK cluster."""
+    if kafka["mode"] != "strimzi":
+        details: tuple[str, ...] = (
+            "external (Amazon MSK)",
+            f"topic replication {kafka['external']['topicReplication']}",
         )
-        persistence = f"broker volumes {s['brokerStorageSize']} gp3 each"
     else:
-        add(
-            Component(
-                "kafka",
-                "mq",
-                "Apache Kafka Cluster",
-                (
-                    "external (Amazon MSK)",
-                    f"topic replication {kafka['external']['topicReplication']}",
-                ),
-                KAFKA,
-            )
+        s = kafka["strimzi"]
+        details = (
+            f"Strimzi, Kafka {s['version']}",
+            f"{_plural(s['brokers'], 'broker')} + {s['controllers']} KRaft controllers",
+            f"topic replication {min(2, s['brokers'])}",
         )
-        persistence = "MSK broker storage"
+    return Component("kafka", "mq", "Apache Kafka Cluster", details, KAFKA)
+
+
+def topic_routing(kafka: dict) -> Component:
+    """The topics' names (first three, then the rest) and their partitions."""
+    topics = kafka["topics"]
     prefix = kafka["topicPrefix"]
     names = [t["name"].removeprefix(prefix) for t in topics]
-    add(
-        Component(
-            "topics",
-            "mq",
-            "Topic-based Routing",
-            (
-                f"{prefix}{{{','.join(names[:3])}}}",
-                f"+ {', '.join(names[3:])}",
-                f"{sum(t['partitions'] for t in topics)} partitions in all",
-            ),
-            KAFKA,
-        )
+    return Component(
+        "topics",
+        "mq",
+        "Topic-based Routing",
+        (
+            f"{prefix}{{{','.join(names[:3])}}}",
+            f"+ {', '.join(names[3:])}",
+            f"{sum(t['partitions'] for t in topics)} partitions in all",
+        ),
+        KAFKA,
     )
-    days = sorted({round(t.get("retentionMs", 0) / 86_400_000) for t in topics})
-    add(
-        Component(
-            "persistence",
-            "mq",
-            "Message Persistence",
-            (
-                persistence,
-                f"retention {days[0]}-{days[-1]} days",
-                "acks=all, idempotent producer" if kafka["idempotence"] else "acks=all",
-            ),
-            KAFKA,
-        )
+
+
+def message_persistence(kafka: dict) -> Component:
+    """Where the brokers keep messages, for how long, and the producer's guarantees."""
+    if kafka["mode"] == "strimzi":
+        persistence = f"broker volumes {kafka['strimzi']['brokerStorageSize']} gp3 each"
+    else:
+        persistence = "MSK broker storage"
+    days = sorted({round(t.get("retentionMs", 0) / 86_400_000) for t in kafka["topics"]})
+    return Component(
+        "persistence",
+        "mq",
+        "Message Persistence",
+        (
+            persistence,
+            f"retention {days[0]}-{days[-1]} days",
+            "acks=all, idempotent producer" if kafka["idempotence"] else "acks=all",
+        ),
+        KAFKA,
     )
+
+
+def kafka_workers(wk: dict) -> Component:
+    """The workers' consumer group and pod count (or KEDA/HPA bounds)."""
+    mode = wk["autoscaling"]["mode"]
     if mode == "keda":
         wk_pods = f"{_bounds(wk)} pods (KEDA)"
     elif mode == "hpa":
         wk_pods = f"{_bounds(wk)} pods (HPA)"
     else:
         wk_pods = _plural(wk["replicaCount"], "pod")
-    add(
-        Component(
-            "workers",
-            "mq",
-            "Kafka Workers (High-throughput)",
-            (
-                f"consumer group {wk['consumerGroup']}",
-                wk_pods,
-                "gRPC to Triton; retry + dead-letter topics",
-            ),
-            KAFKA,
-        )
+    return Component(
+        "workers",
+        "mq",
+        "Kafka Workers (High-throughput)",
+        (
+            f"consumer group {wk['consumerGroup']}",
+            wk_pods,
+            "gRPC to Triton; retry + dead-letter topics",
+        ),
+        KAFKA,
     )
 
-    # 5 · Data & monitoring layer.
-    if redis["mode"] == "replicated":
-        r = redis["replicated"]
-        replicas = r["replicas"] - 1
-        add(
-            Component(
-                "redis",
-                "data",
-                "Redis (replication)",
-                (
-                    f"{r['replicas']} pods: 1 master + {_plural(replicas, 'replica')}"
-                    if replicas
-                    else "1 pod: master only, no replica",
-                    f"AOF on gp3, maxmemory {r['maxmemory']}",
-                    "cache, job state, rate limits",
-                ),
-                STORAGE,
-            )
+
+# --- 5 · Data & monitoring layer, and the CDN ----------------------------------------------------
+
+
+def data_layer(redis: dict, sc: dict, assets: dict) -> list[Component]:
+    """Redis, the gp3 StorageClass and the asset store."""
+    return [redis_store(redis), persistent_storage(sc), asset_store(assets)]
+
+
+def redis_store(redis: dict) -> Component:
+    """The replicated Redis in the cluster (master and replicas), or ElastiCache."""
+    if redis["mode"] != "replicated":
+        details: tuple[str, ...] = (
+            "external: ElastiCache Multi-AZ",
+            "cache, job state, rate limits",
         )
     else:
-        add(
-            Component(
-                "redis",
-                "data",
-                "Redis (replication)",
-                ("external: ElastiCache Multi-AZ", "cache, job state, rate limits"),
-                STORAGE,
-            )
+        r = redis["replicated"]
+        replicas = r["replicas"] - 1
+        details = (
+            f"{r['replicas']} pods: 1 master + {_plural(replicas, 'replica')}"
+            if replicas
+            else "1 pod: master only, no replica",
+            f"AOF on gp3, maxmemory {r['maxmemory']}",
+            "cache, job state, rate limits",
         )
+    return Component("redis", "data", "Redis (replication)", details, STORAGE)
+
+
+def persistent_storage(sc: dict) -> Component:
+    """The chart's gp3 StorageClass (IOPS, throughput, encryption), or the cluster default."""
     if sc["create"]:
         ebs: tuple[str, ...] = (
             f"StorageClass {sc['name']}",
@@ -569,112 +702,93 @@ def build_architecture(
         )
     else:
         ebs = ("cluster default StorageClass",)
-    add(Component("ebs", "data", "Persistent Storage (EBS gp3)", ebs, STORAGE))
+    return Component("ebs", "data", "Persistent Storage (EBS gp3)", ebs, STORAGE)
+
+
+def asset_store(assets: dict) -> Component:
+    """Where the images go: an S3 bucket and prefix, or a gp3 volume."""
     if assets["mode"] == "s3":
-        add(
-            Component(
-                "assets",
-                "data",
-                "Asset Store (S3)",
-                (
-                    f"s3://{assets['s3']['bucket'] or '<bucket>'}/{assets['s3']['prefix']}",
-                    "content-addressed PNG/WebP",
-                ),
-                STORAGE,
-            )
+        return Component(
+            "assets",
+            "data",
+            "Asset Store (S3)",
+            (
+                f"s3://{assets['s3']['bucket'] or '<bucket>'}/{assets['s3']['prefix']}",
+                "content-addressed PNG/WebP",
+            ),
+            STORAGE,
         )
-    else:
-        add(
-            Component(
-                "assets",
-                "data",
-                "Asset Store (gp3 volume)",
-                (
-                    f"PVC {assets['pvc']['size']} at {assets['pvc']['mountPath']}",
-                    "content-addressed PNG/WebP",
-                ),
-                STORAGE,
-            )
-        )
+    return Component(
+        "assets",
+        "data",
+        "Asset Store (gp3 volume)",
+        (
+            f"PVC {assets['pvc']['size']} at {assets['pvc']['mountPath']}",
+            "content-addressed PNG/WebP",
+        ),
+        STORAGE,
+    )
+
+
+def monitoring_layer(mon: dict, files: MonitoringFiles) -> list[Component]:
+    """Prometheus, Grafana and Alertmanager."""
+    return [prometheus(mon, files), grafana(mon, files), alertmanager(files)]
+
+
+def prometheus(mon: dict, files: MonitoringFiles) -> Component:
+    """What Prometheus scrapes, how often, and how many alert rules it evaluates."""
     scrape = (
         "ServiceMonitors + PodMonitor"
         if mon["serviceMonitors"]["enabled"]
         else "no ServiceMonitors"
     )
-    add(
-        Component(
-            "prometheus",
-            "monitoring",
-            "Prometheus Monitoring",
-            (
-                f"{scrape}, every {mon['serviceMonitors']['interval']}",
-                f"{len(alerts)} alert rules in {len(rule_files)} files"
-                if mon["prometheusRules"]["enabled"]
-                else "rules not rendered",
-            ),
-            MONITORING,
-        )
+    return Component(
+        "prometheus",
+        "monitoring",
+        "Prometheus Monitoring",
+        (
+            f"{scrape}, every {mon['serviceMonitors']['interval']}",
+            f"{len(files.alerts)} alert rules in {files.rule_files} files"
+            if mon["prometheusRules"]["enabled"]
+            else "rules not rendered",
+        ),
+        MONITORING,
     )
-    add(
-        Component(
-            "grafana",
-            "monitoring",
-            "Grafana Dashboards",
-            (
-                ", ".join(d.removeprefix("Forge ") for d in dashboards),
-                f"{len(dashboards)} dashboards"
-                + ("" if mon["dashboards"]["enabled"] else " (not rendered)"),
-            ),
-            MONITORING,
-        )
+
+
+def grafana(mon: dict, files: MonitoringFiles) -> Component:
+    """The Grafana dashboards' titles and count."""
+    dashboards = files.dashboards
+    return Component(
+        "grafana",
+        "monitoring",
+        "Grafana Dashboards",
+        (
+            ", ".join(d.removeprefix("Forge ") for d in dashboards),
+            f"{len(dashboards)} dashboards"
+            + ("" if mon["dashboards"]["enabled"] else " (not rendered)"),
+        ),
+        MONITORING,
     )
-    add(
-        Component(
-            "alertmanager",
-            "monitoring",
-            "AlertManager Notifications",
-            ("routes by severity", "receivers: " + ", ".join(receivers)),
-            MONITORING,
-        )
+
+
+def alertmanager(files: MonitoringFiles) -> Component:
+    """Alertmanager's routing and receivers."""
+    return Component(
+        "alertmanager",
+        "monitoring",
+        "AlertManager Notifications",
+        ("routes by severity", "receivers: " + ", ".join(files.receivers)),
+        MONITORING,
     )
+
+
+def cdn(assets: dict) -> Component:
+    """The public base URL the images are served from (CloudFront), or the gateway."""
     cdn_url = assets["publicBaseUrl"] or "gateway /assets/ (no CDN)"
-    add(
-        Component(
-            "cdn", "cdn", "CDN (CloudFront)", (cdn_url, "ETag, immutable caching"), LOAD_BALANCER
-        )
+    return Component(
+        "cdn", "cdn", "CDN (CloudFront)", (cdn_url, "ETag, immutable caching"), LOAD_BALANCER
     )
-
-    # Within a column, top to bottom: Kafka's persistence above the cluster it belongs to.
-    top_down = {"persistence": 0, "kafka": 1, "topics": 2, "workers": 3}
-    arch.components.sort(key=lambda c: (c.group != "mq", top_down.get(c.id, 0)))
-
-    # The seed's data flow, step by step, on our components.
-    arch.flows = [
-        Flow(1, "client", "alb", "weapon request"),
-        Flow(2, "alb", "api", "to the API pods"),
-        Flow(3, "auth", "svc", "validated, forwarded"),
-        Flow(4, "svc", "sdpods", "routed to a GPU pod"),
-        Flow(5, "sdpods", "inference", "Stable Diffusion"),
-        Flow(6, "batching", "kafka", "batch jobs, results queued"),
-        Flow(7, "workers", "redis", "cache + job state"),
-        Flow(8, "workers", "assets", "asset saved"),
-        Flow(9, "sdpods", "prometheus", "metrics scraped"),
-        Flow(10, "prometheus", "grafana", "dashboards"),
-        Flow(11, "assets", "cdn", "delivered via CDN"),
-        Flow(11, "prometheus", "alertmanager", "monitoring alerts"),
-    ]
-    arch.links = [
-        ("api", "auth", ""),
-        ("inference", "batching", ""),
-        ("kafka", "topics", ""),
-        ("topics", "workers", ""),
-        ("persistence", "kafka", ""),
-        ("redis", "ebs", "volumes"),
-        ("eks", "nodes", ""),
-        ("nodes", "gpunode", ""),
-        ("autoscaling", "gpunode", ""),
-    ]
-    return arch
 
 
 # --- DOT ------------------------------------------------------------------------------------------
@@ -717,6 +831,7 @@ def _tint(colour: str, amount: float) -> str:
 
 
 def _e(text: str) -> str:
+    """Text escaped for Graphviz's HTML-like labels."""
     return html.escape(text, quote=True)
 
 
@@ -727,22 +842,26 @@ def _font(text: str, size: int, colour: str = TEXT, bold: bool = False) -> str:
 
 
 def _td(content: str, **attrs: str) -> str:
+    """A <td> cell; a trailing underscore in an attribute name is dropped."""
     extra = "".join(f' {k.rstrip("_")}="{v}"' for k, v in attrs.items())
     return f"<td{extra}>{content}</td>"
 
 
 def _table(rows: list[str], **attrs: str) -> str:
+    """An HTML-like label: one <tr> per row of cells."""
     extra = "".join(f' {k}="{v}"' for k, v in attrs.items())
     return f"<<table{extra}>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>>"
 
 
 def _node_label(c: Component) -> str:
+    """A component's box: its title in bold, then its detail lines."""
     rows = [_td(_font(c.title, 13, bold=True), align="left")]
     rows += [_td(_font(d, 10, MUTED), align="left") for d in c.details if d]
     return _table(rows, border="0", cellborder="0", cellspacing="0", cellpadding="1")
 
 
 def _flow_label(step: int, text: str, colour: str) -> str:
+    """A data-flow edge's label: the step number in a coloured badge, then the text."""
     badge = _td(_font(str(step), 11, "white", bold=True), bgcolor=colour, style="rounded")
     return _table(
         [badge + _td(_font(text, 10))], border="0", cellborder="0", cellspacing="2", cellpadding="2"
@@ -753,6 +872,9 @@ PANEL = {"border": "1", "color": "#bdc3c7", "cellborder": "0", "bgcolor": "white
 
 
 def _perf_label(arch: Architecture) -> str:
+    """The performance panel: perf/RESULTS.md's rows by section, the seed's claims, and what
+    RESULTS.md lists as not measured."""
+
     def row(cells: list[str], bg: str, bold: bool = False) -> str:
         return "".join(
             _td(_font(cell, 10, bold=bold), align="left" if i == 0 else "center", bgcolor=bg)
@@ -784,12 +906,13 @@ def _perf_label(arch: Architecture) -> str:
     for i, (figure, value) in enumerate(SEED_CLAIMS):
         rows.append(row([figure, value, SEED_CLAIM_KIND], stripe(i)))
     for text in arch.not_measured:
-        short = "Not measured yet: " + text.split(":")[0] + "."
+        short = "Not measured: " + text.split(":")[0] + "."
         rows.append(_td(_font(short, 9, MUTED), colspan="3", align="left"))
     return _table(rows, cellspacing="0", cellpadding="4", **PANEL)
 
 
 def _legend_label(arch: Architecture) -> str:
+    """The legend: the colour scheme, the boundaries' dashed frames, and the source files."""
     swatches = [
         (KUBERNETES, "Kubernetes"),
         (GPU, "GPU processing"),
@@ -832,6 +955,26 @@ CLUSTER_STYLES = {
 
 
 def to_dot(arch: Architecture) -> str:
+    """The DOT source of the picture: the nested clusters with their components, the columns,
+    the numbered data flow and the other links, the performance panel and the legend."""
+    out = graph_header(arch)
+    by_group: dict[str, list[Component]] = {}
+    for c in arch.components:
+        by_group.setdefault(c.group, []).append(c)
+    for group, (parent, *_rest) in GROUPS.items():
+        if parent is None:
+            out += cluster_lines(group, by_group, "  ")
+    out += column_lines(arch)
+    out += flow_lines(arch)
+    out += link_lines(arch)
+    out.append(f'  perf [id="performance", shape=plain, label={_perf_label(arch)}];')
+    out.append(f'  legend [id="legend", shape=plain, label={_legend_label(arch)}];')
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def graph_header(arch: Architecture) -> list[str]:
+    """The digraph's opening: title, subtitle and the default graph, node and edge attributes."""
     title = _font("Crafterse Forge · Option 3: Custom Kubernetes Deployment", 26, bold=True)
     subtitle = _font(
         f"Stable Diffusion on NVIDIA Triton, EKS cluster {arch.name}; drawn from the Helm"
@@ -839,7 +982,7 @@ def to_dot(arch: Architecture) -> str:
         13,
         MUTED,
     )
-    out: list[str] = [
+    return [
         "digraph forge {",
         "  graph [rankdir=LR, newrank=true, nodesep=0.25, ranksep=0.55, pad=0.4,"
         f' bgcolor="white", fontname="{FONT}", splines=spline,'
@@ -848,49 +991,55 @@ def to_dot(arch: Architecture) -> str:
         f' fontname="{FONT}", penwidth=2, margin="0.12,0.06"];',
         f'  edge [fontname="{FONT}", color="{MUTED}", arrowsize=0.7, penwidth=1.3];',
     ]
-    by_group: dict[str, list[Component]] = {}
-    for c in arch.components:
-        by_group.setdefault(c.group, []).append(c)
 
-    def emit(group: str, indent: str) -> None:
-        _parent, label, colour, style = GROUPS[group]
-        gv_style, pen, tint = CLUSTER_STYLES[style]
-        size = 15 if style in ("edge", "boundary", "layer") else 12
-        out.append(f"{indent}subgraph cluster_{group} {{")
+
+def cluster_lines(group: str, by_group: dict[str, list[Component]], indent: str) -> list[str]:
+    """One cluster (a boundary, layer or sub-group): its frame, its components, and the
+    clusters nested in it, drawn in GROUPS order."""
+    _parent, label, colour, style = GROUPS[group]
+    gv_style, pen, tint = CLUSTER_STYLES[style]
+    size = 15 if style in ("edge", "boundary", "layer") else 12
+    out = [
+        f"{indent}subgraph cluster_{group} {{",
+        f'{indent}  graph [style="{gv_style}", color="{colour}", penwidth={pen},'
+        f' fillcolor="{_tint(colour, tint)}", label=<{_font(label, size, colour, bold=True)}>,'
+        " labeljust=l, margin=14];",
+    ]
+    for c in by_group.get(group, []):
+        label_html = _node_label(c)
         out.append(
-            f'{indent}  graph [style="{gv_style}", color="{colour}", penwidth={pen},'
-            f' fillcolor="{_tint(colour, tint)}", label=<{_font(label, size, colour, bold=True)}>,'
-            " labeljust=l, margin=14];"
+            f'{indent}  {c.id} [id="component-{c.id}", color="{c.colour}", label={label_html}];'
         )
-        for c in by_group.get(group, []):
-            label_html = _node_label(c)
-            out.append(
-                f'{indent}  {c.id} [id="component-{c.id}", color="{c.colour}", label={label_html}];'
-            )
-        for child, (parent, *_rest) in GROUPS.items():
-            if parent == group:
-                emit(child, indent + "  ")
-        out.append(f"{indent}}}")
+    for child, (parent, *_rest) in GROUPS.items():
+        if parent == group:
+            out += cluster_lines(child, by_group, indent + "  ")
+    out.append(f"{indent}}}")
+    return out
 
-    for group, (parent, *_rest) in GROUPS.items():
-        if parent is None:
-            emit(group, "  ")
 
-    # Columns, left to right: each a rank of its own (rank=same), kept in order by invisible
-    # edges; the real edges do not move nodes between columns (constraint=false).
+def column_lines(arch: Architecture) -> list[str]:
+    """Columns, left to right: each a rank of its own (rank=same), kept in order by invisible
+    edges; the real edges do not move nodes between columns (constraint=false). The
+    performance panel and the legend make the last column."""
     columns: dict[int, list[str]] = {}
     for c in arch.components:
         columns.setdefault(COLUMNS[c.group], []).append(c.id)
     columns[max(columns) + 1] = ["perf", "legend"]
-    out.append("  perf -> legend [style=invis];")
+    out = ["  perf -> legend [style=invis];"]
     order = sorted(columns)
     for col in order:
         out.append("  { rank=same; " + "; ".join(columns[col]) + "; }")
     for a, b in itertools.pairwise(order):
         out.append(f"  {columns[a][0]} -> {columns[b][0]} [style=invis, weight=10];")
+    return out
 
+
+def flow_lines(arch: Architecture) -> list[str]:
+    """The numbered data-flow edges, each in its target's colour (monitoring's a darker grey)
+    with a numbered badge; a step's second edge gets an id with its target."""
     colours = {c.id: c.colour for c in arch.components}
     seen: set[int] = set()
+    out = []
     for f in arch.flows:
         flow_id = f"flow-{f.step}" if f.step not in seen else f"flow-{f.step}-{f.dst}"
         seen.add(f.step)
@@ -899,16 +1048,18 @@ def to_dot(arch: Architecture) -> str:
             f'  {f.src} -> {f.dst} [id="{flow_id}", color="{colour}", penwidth=2.2,'
             f" constraint=false, label={_flow_label(f.step, f.label, colour)}];"
         )
+    return out
+
+
+def link_lines(arch: Architecture) -> list[str]:
+    """The unnumbered links, dashed, with their label if any."""
+    out = []
     for src, dst, label in arch.links:
         attrs = 'style="dashed", constraint=false'
         if label:
             attrs += f", label=<{_font(label, 10, MUTED)}>"
         out.append(f"  {src} -> {dst} [{attrs}];")
-
-    out.append(f'  perf [id="performance", shape=plain, label={_perf_label(arch)}];')
-    out.append(f'  legend [id="legend", shape=plain, label={_legend_label(arch)}];')
-    out.append("}")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def render(
@@ -939,6 +1090,7 @@ def render(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m helm.diagram`: render the diagram (or print its DOT source)."""
     parser = argparse.ArgumentParser(
         prog="python -m helm.diagram", description=__doc__.split("\n")[0]
     )

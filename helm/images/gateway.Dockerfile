@@ -36,9 +36,9 @@ RUN groupadd --system --gid 10001 forge \
  && useradd --system --uid 10001 --gid forge --no-create-home --shell /usr/sbin/nologin forge
 COPY --from=build /opt/venv /opt/venv
 # Fail the build if the API or the worker is missing a dependency or a data file.
-RUN python -I -c "import gateway.__main__, gateway.app, gateway.worker, gateway.web; \
+RUN python -I -c "import gateway.__main__, gateway.app, gateway.worker, gateway.api.page; \
 from gateway.settings import Settings; assert Settings().weapon_templates.is_file(); \
-assert gateway.web.STATIC_DIR.joinpath('index.html').is_file()"
+assert gateway.api.page.STATIC_DIR.joinpath('index.html').is_file()"
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8080 9300

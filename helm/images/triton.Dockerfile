@@ -16,8 +16,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch 2.5.1 is PyPI's default (CUDA 12.4 runtime) wheel, which runs on the image's CUDA 12.6
 # driver stack; it is pinned so rebuilds are reproducible. tensorrt 10.5 is the TensorRT
 # release that Triton 24.10 itself ships. tritonclient (its model_config protobuf) is what
-# `python -m export config` writes configs/exported.pbtxt with. Every package has a version
-# range (hadolint DL3013): lower bounds from pyproject.toml, upper bounds at the next major.
+# `python -m export config` writes configs/exported.pbtxt with; jsonschema checks the weights'
+# manifests against model_repository/stable_diffusion/weights.schema.json, in the export and
+# in the model. Every package has a version range (hadolint DL3013): lower bounds from
+# pyproject.toml, upper bounds at the next major.
 RUN pip install \
       "numpy>=1.26,<2" "protobuf>=4.25,<5" \
       "tritonclient[grpc]==2.51.0" \
@@ -25,7 +27,7 @@ RUN pip install \
       "diffusers>=0.35,<1" "transformers>=4.45,<6" "safetensors>=0.4,<1" "accelerate>=1.0,<2" \
       "onnx>=1.17,<2" "onnxscript>=0.1,<1" "onnxruntime-gpu>=1.20,<2" \
       "tensorrt==10.5.*" \
-      "pillow>=10,<14" "pyyaml>=6,<7"
+      "pillow>=10,<14" "pyyaml>=6,<7" "jsonschema>=4.18,<5"
 
 # The model code and the committed config.pbtxt (copied onto the model volume by the chart's
 # init container) and the export package (python -m export onnx | config | tensorrt; the

@@ -55,6 +55,7 @@ def comments_by_path(text: str) -> dict[tuple[str, ...], list[str]]:
 
 
 def type_of(value: Any) -> str:
+    """The JSON-schema type of a default value."""
     if value is None:  # an optional setting: its @schema names the type ("type": [..., "null"])
         return "null"
     if isinstance(value, bool):
@@ -73,6 +74,7 @@ def type_of(value: Any) -> str:
 
 
 def build(value: Any, path: tuple[str, ...], comments: dict, errors: list[str]) -> dict:
+    """The schema of one value and (for a map) its keys; a key without a comment is an error."""
     lines = comments.get(path)
     if path and not lines:
         errors.append(f"values.yaml: {'.'.join(path)} has no comment describing it")
@@ -98,6 +100,7 @@ def build(value: Any, path: tuple[str, ...], comments: dict, errors: list[str]) 
 
 
 def generate() -> str:
+    """values.schema.json's text for the current values.yaml; exits on a key without a comment."""
     text = VALUES.read_text()
     errors: list[str] = []
     schema = {
@@ -111,6 +114,7 @@ def generate() -> str:
 
 
 def main() -> int:
+    """Write the schema, or with --check return 1 if the committed one is stale."""
     schema = generate()
     if "--check" in sys.argv[1:]:
         if not SCHEMA.exists() or SCHEMA.read_text() != schema:

@@ -27,6 +27,7 @@ CUSTOM_KINDS = {
 
 
 def main() -> int:
+    """Validate every file against every Kubernetes version; 1 if any resource failed, else 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", "--kubernetes-version", action="append", required=True)
     parser.add_argument("files", nargs="+")

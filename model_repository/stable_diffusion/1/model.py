@@ -1,8 +1,9 @@
 """Triton Python-backend adapter: Triton requests in, pipeline rows, Triton responses out.
 
-All the work is in `sd_pipeline` (which never imports Triton). Here: read the config once,
-turn each request's rows into `GenerationRequest`s, map errors to typed `TritonError`s, and
-answer every request exactly once.
+All the work is in `sd_pipeline` (which never imports Triton). Here: hand the model config to
+the core, turn each request's rows into `GenerationRequest`s holding only the inputs that
+arrived (the core fills in the rest from the generation contract), map errors to typed
+`TritonError`s, and answer every request exactly once.
 """
 
 from __future__ import annotations
@@ -10,36 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import locale
-import secrets
-from dataclasses import fields
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from sd_pipeline import StableDiffusionCore
-from sd_requests import SEED_LIMIT, GenerationRequest, InvalidRequest, Limits, Row
-
-OPTIONAL_INPUTS = (
-    "negative_prompt",
-    "seed",
-    "steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "scheduler",
-)
-
-
-def _limits(parameters: dict[str, str]) -> dict[str, Any]:
-    """Limits fields set in the config's parameters, converted to the field's type."""
-    cast = {"int": int, "float": float, "str": str}
-    settable = {
-        f.name: cast[str(f.type)]
-        for f in fields(Limits)
-        if f.name not in ("size_multiple", "default_size")
-    }
-    return {k: settable[k](v) for k, v in parameters.items() if k in settable}
+from sd_requests import GenerationRequest, InvalidRequest, Row
 
 
 def _text(value: Any, name: str) -> str:
@@ -47,6 +26,18 @@ def _text(value: Any, name: str) -> str:
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"{name} is not valid UTF-8") from exc
+
+
+# Optional input -> its GenerationRequest field's value from one row of the tensor.
+OPTIONAL_INPUTS: dict[str, Callable[[Any], Any]] = {
+    "negative_prompt": lambda v: _text(v, "negative_prompt"),
+    "seed": int,
+    "steps": int,
+    "guidance_scale": float,
+    "width": int,
+    "height": int,
+    "scheduler": lambda v: _text(v, "scheduler"),
+}
 
 
 def _column(tensor: Any) -> np.ndarray:
@@ -62,34 +53,26 @@ def _utf8_text_files() -> None:
 
 
 class TritonPythonModel:
+    """The stable_diffusion model as Triton's Python backend calls it."""
+
     def initialize(self, args: dict[str, str]) -> None:
+        """Load the weights under the model config; a config or weights problem fails the
+        load with a message naming it."""
         _utf8_text_files()
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         weights = Path(args["model_repository"]) / args["model_version"] / "weights"
         self.core = StableDiffusionCore(
-            weights,
-            runtime=params.get("runtime", "onnxruntime"),
-            threads=int(params.get("intra_op_threads", "1")),
-            limits=_limits(params),
-            # TensorRT engines must hold the batches the dynamic batcher forms.
-            max_batch_size=max(1, int(config.get("max_batch_size", 1))),
-            compile_mode=params.get("torch_compile", ""),
+            weights, parameters, max_batch_size=int(config.get("max_batch_size", 0))
         )
-        advertised = (params.get("model_name"), params.get("model_version"))
-        if advertised != (self.core.model_name, self.core.model_version):
-            raise RuntimeError(
-                f"the config advertises model {advertised} but {weights} holds "
-                f"{(self.core.model_name, self.core.model_version)}: re-run `python -m export onnx`"
-            )
         self.core.warm_up()
         pb_utils.Logger.log_info(
             f"stable_diffusion: {self.core.model_name} version {self.core.model_version}, "
-            f"{self.core.limits}"
+            f"{self.core.contract}"
         )
 
     def _rows(self, triton_request: Any) -> list[Row]:
-        """The request's rows (a static batch), validated, in order."""
+        """The request's rows (a static batch), resolved and validated, in order."""
         prompt = pb_utils.get_input_tensor_by_name(triton_request, "prompt")
         if prompt is None:
             raise InvalidRequest("the input prompt is required")
@@ -103,24 +86,15 @@ class TritonPythonModel:
                     raise InvalidRequest(
                         f"{name} has {len(columns[name])} rows; prompt has {len(prompts)}"
                     )
-        limits = self.core.limits
         rows = []
-        for i, prompt in enumerate(prompts):
-            given = {name: column[i] for name, column in columns.items()}
-            request = GenerationRequest(
-                prompt=_text(prompt, "prompt"),
-                negative_prompt=_text(given.get("negative_prompt", b""), "negative_prompt"),
-                scheduler=_text(given.get("scheduler", limits.default_scheduler), "scheduler"),
-                seed=int(given["seed"]) if "seed" in given else secrets.randbelow(SEED_LIMIT),
-                steps=int(given.get("steps", limits.default_steps)),
-                guidance_scale=float(given.get("guidance_scale", limits.default_guidance)),
-                width=int(given.get("width", limits.default_size)),
-                height=int(given.get("height", limits.default_size)),
-            )
+        for i, text in enumerate(prompts):
+            given = {name: OPTIONAL_INPUTS[name](column[i]) for name, column in columns.items()}
+            request = GenerationRequest(prompt=_text(text, "prompt"), **given)
             rows.append(self.core.row(request, triton_request.is_cancelled))
         return rows
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        """One response per request: images and the seeds used, or a typed error."""
         responses: list[Any] = [None] * len(requests)
         accepted: list[tuple[int, list[Row]]] = []
         for n, triton_request in enumerate(requests):

@@ -15,131 +15,109 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from sd_contract import GenerationContract
 from sd_engines import uncovered
-from sd_requests import GenerationRequest, InvalidRequest, Limits, Row, make_row
-from sd_runtimes import Component, load_components
+from sd_requests import GenerationRequest, InvalidRequest, Row, make_row
+from sd_runtimes import Component, RuntimeSettings, load_components
+from sd_weights import Shape, input_shapes, load_manifest
 from transformers import CLIPTokenizer
-
-MANIFEST_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Geometry:
-    latent_channels: int
-    vae_scale_factor: int
-    vae_scaling_factor: float
 
 
 class StableDiffusionCore:
+    """The model: weights, contract and runtime from the model config, images from requests.
+
+    `parameters` are the model config's parameters as Triton passes them (strings):
+    the generation contract (`sd_contract`), the values copied from the weights' manifest
+    and the runtime settings (`sd_runtimes.RuntimeSettings`); `max_batch_size` is the
+    config's. Loading refuses, naming the file or parameter, weights that do not match
+    `weights.schema.json` and a config that is incomplete, inconsistent or made for other
+    weights.
+    """
+
     def __init__(
-        self,
-        weights: Path,
-        *,
-        runtime: str = "onnxruntime",
-        threads: int = 1,
-        limits: dict[str, Any] | None = None,
-        max_batch_size: int = 1,
-        compile_mode: str = "",
+        self, weights: Path, parameters: Mapping[str, str], *, max_batch_size: int
     ) -> None:
-        manifest = json.loads((weights / "manifest.json").read_text())
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise ValueError(
-                f"{weights}: manifest format {manifest.get('format')!r} is not "
-                f"{MANIFEST_FORMAT}; re-run the export"
-            )
-        self.manifest = manifest
-        geo = manifest["geometry"]
-        self.geometry = Geometry(
-            geo["latent_channels"], geo["vae_scale_factor"], geo["vae_scaling_factor"]
+        self.manifest = load_manifest(weights)
+        self.contract = GenerationContract.from_config(parameters, self.manifest, max_batch_size)
+        self.settings = RuntimeSettings.from_config(parameters)
+        self.tokenizer = CLIPTokenizer.from_pretrained(weights / self.manifest["tokenizer"])
+        self.scheduler_config = json.loads(
+            (weights / self.manifest["scheduler_config"]).read_text()
         )
-        self.limits = Limits(
-            size_multiple=geo["size_multiple"], default_size=geo["default_size"], **(limits or {})
-        )
-        self.tokenizer = CLIPTokenizer.from_pretrained(weights / manifest["tokenizer"])
-        self.scheduler_config = json.loads((weights / manifest["scheduler_config"]).read_text())
-        self.runtime = runtime
-        self.compile_mode = compile_mode
-        self.max_batch_size = max_batch_size
         self.components: dict[str, Component] = load_components(
             weights,
-            manifest,
-            runtime,
-            threads,
-            max_batch_size=max_batch_size,
-            compile_mode=compile_mode,
+            self.manifest,
+            self.settings,
+            max_batch_size=self.contract.max_batch_size,
+            default_size=self.contract.default_size,
         )
         self.device = self.components["unet"].device
 
     @property
     def model_name(self) -> str:
+        """The exported model's name."""
         return str(self.manifest["model"]["name"])
 
     @property
     def model_version(self) -> str:
+        """The exported weights' content version."""
         return str(self.manifest["model"]["version"])
 
-    def row(self, request: GenerationRequest, is_cancelled: Any = None) -> Row:
-        row = make_row(request, self.limits, self.scheduler_config, is_cancelled)
-        if self.limits.prompt_overflow == "reject":
-            for name in ("prompt", "negative_prompt"):
-                self._check_tokens(name, getattr(request, name))
-        self._check_engine_profiles(request)
-        return row
+    def row(
+        self, request: GenerationRequest, is_cancelled: Callable[[], bool] | None = None
+    ) -> Row:
+        """`request` resolved against the contract and ready to denoise; InvalidRequest
+        names the first value the client must change."""
+        resolved = self.contract.resolve(request)
+        if self.contract.prompt_overflow == "reject":
+            self._check_tokens("prompt", resolved.prompt)
+            self._check_tokens("negative_prompt", resolved.negative_prompt)
+        self._check_engine_profiles(resolved.height, resolved.width)
+        return make_row(resolved, self.scheduler_config, is_cancelled)
 
-    def _check_engine_profiles(self, request: GenerationRequest) -> None:
+    def _check_engine_profiles(self, height: int, width: int) -> None:
         """TensorRT engines serve only the sizes their profiles hold: say so up front."""
         for component in self.components.values():
             entry = getattr(component, "engine_entry", None)
             if entry is None:
                 continue
-            problem = uncovered(entry, self.manifest, 1, [(request.height, request.width)])
+            problem = uncovered(entry, self.manifest, 1, [(height, width)])
             if problem is not None:
                 raise InvalidRequest(
-                    f"width {request.width} x height {request.height} is not served by the "
-                    f"TensorRT engines here: {problem}"
+                    f"width {width} x height {height} is not served by the TensorRT engines "
+                    f"here: {problem}"
                 )
 
     def _check_tokens(self, name: str, text: str) -> None:
         """Reject rather than silently drop words the text encoder cannot read."""
         tokens = len(self.tokenizer(text, truncation=False).input_ids)
-        if tokens > self.tokenizer.model_max_length:
+        if tokens > self.contract.max_prompt_tokens:
             raise InvalidRequest(
                 f"{name} is {tokens} tokens long; the text encoder reads at most "
-                f"{self.tokenizer.model_max_length} (start and end tokens included)"
+                f"{self.contract.max_prompt_tokens} (start and end tokens included)"
             )
 
     def warm_up(self) -> None:
-        """Two-step images at the default size before the first request, so lazy
-        initialisation (CUDA context, kernels, torch.compile) is paid here, not by a client.
-        A compiled UNet sees every batch the batcher may form at that size (one CUDA graph
-        each)."""
-        size = self.limits.default_size
+        """Images of a default request (default size, scheduler and guidance; two steps
+        where the contract allows) before the first request, so lazy initialisation (CUDA
+        context, kernels, torch.compile) is paid here, not by a client. A compiled UNet sees
+        every batch the batcher may form at that size (one CUDA graph each)."""
+        steps = min(max(2, self.contract.min_steps), self.contract.max_steps)
+        batches = range(1, self.contract.max_batch_size + 1 if self.settings.compile_mode else 2)
+        for n in batches:
+            self.generate([self.row(GenerationRequest("warm-up", steps=steps)) for _ in range(n)])
 
-        def rows(n: int) -> list[Row]:  # guided: the UNet sees 2n rows
-            return [
-                self.row(
-                    GenerationRequest(
-                        prompt="warm-up",
-                        seed=seed,
-                        steps=2,
-                        guidance_scale=7.5,
-                        width=size,
-                        height=size,
-                        scheduler=self.limits.default_scheduler,
-                    )
-                )
-                for seed in range(n)
-            ]
-
-        for n in range(1, self.max_batch_size + 1 if self.compile_mode else 2):
-            self.generate(rows(n))
+    def _latent_shape(self, height: int, width: int) -> Shape:
+        """One image's latents: the VAE decoder's input for one row."""
+        (shape,) = input_shapes(
+            self.manifest, "vae_decoder", images=1, guided=False, height=height, width=width
+        ).values()
+        return shape
 
     @torch.inference_mode()  # every tensor alike, so a compiled UNet's guards hold
     def generate(self, rows: Sequence[Row]) -> list[np.ndarray | None]:
@@ -159,20 +137,14 @@ class StableDiffusionCore:
         ids = self.tokenizer(
             texts,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=self.contract.max_prompt_tokens,
             truncation=True,
             return_tensors="np",
         ).input_ids
         return self.components["text_encoder"](torch.from_numpy(ids.astype(np.int64)))
 
     def _generate_group(self, rows: list[Row]) -> list[np.ndarray | None]:
-        first = rows[0].request
-        latent_shape = (
-            1,
-            self.geometry.latent_channels,
-            first.height // self.geometry.vae_scale_factor,
-            first.width // self.geometry.vae_scale_factor,
-        )
+        latent_shape = self._latent_shape(rows[0].request.height, rows[0].request.width)
         texts = [r.request.prompt for r in rows] + [
             r.request.negative_prompt for r in rows if r.request.guided
         ]
@@ -217,7 +189,7 @@ class StableDiffusionCore:
         if not live:
             return [None] * len(rows)
         decoded = self.components["vae_decoder"](
-            torch.cat([latents[id(r)] for r in live]) / self.geometry.vae_scaling_factor
+            torch.cat([latents[id(r)] for r in live]) / self.manifest["vae"]["scaling_factor"]
         )
         pixels = ((decoded / 2 + 0.5).clamp(0.0, 1.0) * 255).round().to(torch.uint8)
         images = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # one copy to host

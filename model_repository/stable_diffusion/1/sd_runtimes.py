@@ -4,39 +4,39 @@ Every component takes and returns torch tensors on its `device`, in float32 (tok
 int64), whatever precision it computes in. The pipeline core keeps latents on that device
 across the denoising steps, so a GPU runtime makes no host round trip per step.
 
-| runtime            | device         | precision                  | verified                  |
-|--------------------|----------------|----------------------------|---------------------------|
-| `onnxruntime`      | CPU            | fp32                       | here (CPU tests)          |
-| `torch`            | CUDA, else CPU | fp16 on CUDA, fp32 on CPU  | CPU here; CUDA not yet run |
-| `torch` + compile  | CUDA, else CPU | as above, UNet compiled    | CPU here; CUDA not yet run |
-| `onnxruntime_cuda` | CUDA           | fp32                       | needs onnxruntime-gpu     |
-| `tensorrt`         | CUDA           | fp16 engines               | needs TensorRT            |
+| runtime            | device         | precision                  | verified here            |
+|--------------------|----------------|----------------------------|--------------------------|
+| `onnxruntime`      | CPU            | fp32                       | yes (CPU tests)          |
+| `torch`            | CUDA, else CPU | fp16 on CUDA, fp32 on CPU  | CPU; CUDA where a GPU is |
+| `torch` + compile  | CUDA, else CPU | as above, UNet compiled    | CPU; CUDA where a GPU is |
+| `onnxruntime_cuda` | CUDA           | fp32                       | needs onnxruntime-gpu    |
+| `tensorrt`         | CUDA           | fp16 engines               | needs TensorRT           |
 
 `torch_compile` compiles the torch runtime's UNet with torch.compile (dynamic shapes, so one
 compilation serves every batch the batcher forms); mode "reduce-overhead" replays CUDA graphs.
 
-The CUDA paths run only on a GPU; the CPU machine has none, and no session has yet been lent
-the GPU machine with time to run perf/gpu_bench.py. The last two need onnxruntime-gpu or
-TensorRT as well, which the lent GPU machine lacks.
+The CUDA paths run only on a CUDA GPU, the last two only with onnxruntime-gpu or TensorRT
+installed; this repository's CI has none of these, so their tests skip there.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from sd_contract import ConfigError
 from sd_engines import (
-    ENGINE_MANIFEST,
-    ENGINES_DIR,
     EngineMismatch,
-    current_gpu_key,
+    current_gpu,
     describe_profiles,
     profile_covers,
     select_engines,
 )
+from sd_weights import load_engine_manifest, output_shape, weights_file
 
 RUNTIMES = ("onnxruntime", "onnxruntime_cuda", "torch", "tensorrt")
 # torch.compile modes for the torch runtime's UNet ("" = eager). "reduce-overhead" adds CUDA
@@ -44,33 +44,54 @@ RUNTIMES = ("onnxruntime", "onnxruntime_cuda", "torch", "tensorrt")
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the networks run: from the model config's parameters `runtime`,
+    `intra_op_threads` and `torch_compile` (no defaults: config.pbtxt sets each)."""
+
+    runtime: str
+    threads: int
+    compile_mode: str
+
+    @classmethod
+    def from_config(cls, parameters: Mapping[str, str]) -> RuntimeSettings:
+        """The settings in the config's parameters, checked."""
+        for name in ("runtime", "intra_op_threads", "torch_compile"):
+            if name not in parameters:
+                raise ConfigError(f"model config parameter {name} is missing")
+        threads = parameters["intra_op_threads"]
+        if not threads.isdigit() or int(threads) < 1:
+            raise ConfigError(
+                f"model config parameter intra_op_threads {threads!r} is not a positive integer"
+            )
+        return cls(parameters["runtime"], int(threads), parameters["torch_compile"])
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(
+                f"model config parameter runtime {self.runtime!r}: choose from "
+                f"{', '.join(RUNTIMES)}"
+            )
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"model config parameter torch_compile {self.compile_mode!r}: choose from "
+                f"{', '.join(repr(m) for m in COMPILE_MODES)}"
+            )
+        if self.compile_mode and self.runtime != "torch":
+            raise ConfigError(
+                f"model config parameter torch_compile {self.compile_mode!r} applies to "
+                f"runtime torch, not {self.runtime}"
+            )
+
+
 class Component(Protocol):
+    """A network on a device: torch tensors in (the manifest's input order), one out."""
+
     device: torch.device
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor: ...
-
-
-def _symbolic_dims(spec: dict[str, Any], inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
-    dims: dict[str, int] = {}
-    for t, x in zip(spec["inputs"], inputs, strict=True):
-        for d, n in zip(t["shape"], x.shape, strict=True):
-            if isinstance(d, str):
-                dims[d] = int(n)
-    return dims
-
-
-def output_shape(
-    spec: dict[str, Any], geometry: dict[str, Any], inputs: tuple[torch.Tensor, ...]
-) -> tuple[int, ...]:
-    """The first output's shape for these inputs, from the manifest's symbolic shapes."""
-    dims = _symbolic_dims(spec, inputs)
-    dims.setdefault("sequence", geometry["sequence"])
-    dims.setdefault("hidden", geometry["hidden"])
-    dims.setdefault("latent_channels", geometry["latent_channels"])
-    if "latent_height" in dims:
-        dims["image_height"] = dims["latent_height"] * geometry["vae_scale_factor"]
-        dims["image_width"] = dims["latent_width"] * geometry["vae_scale_factor"]
-    return tuple(d if isinstance(d, int) else dims[d] for d in spec["outputs"][0]["shape"])
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The network's first output for these inputs, on `device`, float32."""
+        ...
 
 
 def _ort_session(path: Path, threads: int, providers: list[Any]) -> Any:
@@ -97,6 +118,7 @@ class OnnxRuntimeComponent:
         self.output_name = spec["outputs"][0]["name"]
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The network's output for these inputs, float32 on `device`."""
         feed = {
             name: np.ascontiguousarray(x.numpy(), dtype=dtype)
             for name, dtype, x in zip(self.input_names, self.input_dtypes, inputs, strict=True)
@@ -108,12 +130,13 @@ class OnnxRuntimeCudaComponent:
     """ONNX Runtime's CUDA execution provider with IO binding on torch CUDA tensors.
 
     Inputs and the output stay in GPU memory: ONNX Runtime reads and writes the torch
-    tensors' buffers directly. Verified only where onnxruntime-gpu and a CUDA GPU exist;
-    the CPU test machine and the lent GPU machine have neither (see DESIGN.md).
+    tensors' buffers directly; the output is allocated at the shape the manifest gives for
+    the inputs. Verified only where onnxruntime-gpu and a CUDA GPU exist; this repository's
+    CI has neither.
     """
 
     def __init__(
-        self, folder: Path, spec: dict[str, Any], geometry: dict[str, Any], *, threads: int
+        self, folder: Path, manifest: Mapping[str, Any], name: str, *, threads: int
     ) -> None:
         import onnxruntime as ort
 
@@ -127,11 +150,13 @@ class OnnxRuntimeCudaComponent:
             ("CUDAExecutionProvider", {"device_id": self.device.index}),
             "CPUExecutionProvider",
         ]
-        self.session = _ort_session(folder / spec["file"], threads, providers)
-        self.spec, self.geometry = spec, geometry
-        self.input_dtypes = [getattr(torch, t["dtype"]) for t in spec["inputs"]]
+        self.manifest, self.name = manifest, name
+        self.spec = manifest["components"][name]
+        self.session = _ort_session(folder / self.spec["file"], threads, providers)
+        self.input_dtypes = [getattr(torch, t["dtype"]) for t in self.spec["inputs"]]
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The network's output for these inputs, float32 on `device`."""
         binding = self.session.io_binding()
         kept = []  # the contiguous copies must outlive run_with_iobinding
         for t, dtype, x in zip(self.spec["inputs"], self.input_dtypes, inputs, strict=True):
@@ -146,7 +171,7 @@ class OnnxRuntimeCudaComponent:
                 x.data_ptr(),
             )
         out = torch.empty(
-            output_shape(self.spec, self.geometry, tuple(kept)),
+            output_shape(self.manifest, self.name, [tuple(x.shape) for x in kept]),
             dtype=torch.float32,
             device=self.device,
         )
@@ -164,12 +189,11 @@ class OnnxRuntimeCudaComponent:
 
 
 class TensorRTComponent:
-    """A TensorRT engine (`engines/<component>.<gpu-key>.plan`), torch CUDA tensors as I/O.
+    """A TensorRT plan from the engines folder, torch CUDA tensors as I/O.
 
     Written against TensorRT 10's Python runtime API (named tensors, `set_input_shape`,
     `set_tensor_address`, `execute_async_v3` on torch's current stream). Verified only where
-    TensorRT and a CUDA GPU exist: neither this machine nor the lent GPU machine has
-    TensorRT, so no test here runs it.
+    TensorRT and a CUDA GPU exist; this repository's CI has neither.
     """
 
     def __init__(self, plan: Path, spec: dict[str, Any], entry: dict[str, Any]) -> None:
@@ -189,6 +213,7 @@ class TensorRTComponent:
         self.output_name = spec["outputs"][0]["name"]
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The network's output for these inputs, float32 on `device`."""
         stream = torch.cuda.current_stream(self.device)
         shapes = {n: tuple(x.shape) for n, x in zip(self.input_names, inputs, strict=True)}
         wanted = next(
@@ -240,6 +265,7 @@ class TorchComponent:
 
     @torch.inference_mode()
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The network's output for these inputs, float32 on `device`."""
         if self.name == "text_encoder":
             (ids,) = inputs
             out = self.module(ids.to(self.device), return_dict=False)[0]
@@ -266,11 +292,6 @@ class TorchComponent:
 def _torch_components(
     folder: Path, manifest: dict[str, Any], compile_mode: str
 ) -> dict[str, Component]:
-    if "diffusers" not in manifest:
-        raise RuntimeError(
-            f"{folder}: runtime torch needs the diffusers copy that `python -m export onnx` "
-            "writes beside the ONNX files; re-run the export"
-        )
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -291,25 +312,17 @@ def _torch_components(
 
 
 def _tensorrt_components(
-    folder: Path, manifest: dict[str, Any], max_batch_size: int
+    folder: Path, manifest: dict[str, Any], *, max_batch_size: int, default_size: int
 ) -> dict[str, Component]:
-    engines_dir = folder / ENGINES_DIR
-    manifest_file = engines_dir / ENGINE_MANIFEST
-    if not manifest_file.is_file():
-        raise EngineMismatch(
-            f"runtime tensorrt: {manifest_file} does not exist; build the engines on this GPU "
-            "with `python -m export tensorrt`"
-        )
-    engines = json.loads(manifest_file.read_text())
-    key = current_gpu_key()
-    geo = manifest["geometry"]
+    engines = load_engine_manifest(folder)
     chosen = select_engines(
         engines,
         manifest,
-        key,
+        current_gpu(),
         max_batch_size=max_batch_size,
-        sizes=[(geo["default_size"], geo["default_size"])],
+        sizes=[(default_size, default_size)],
     )
+    engines_dir = folder / weights_file("engines_dir")
     return {
         name: TensorRTComponent(engines_dir / entry["file"], manifest["components"][name], entry)
         for name, entry in chosen.items()
@@ -319,36 +332,30 @@ def _tensorrt_components(
 def load_components(
     folder: Path,
     manifest: dict[str, Any],
-    runtime: str,
-    threads: int,
+    settings: RuntimeSettings,
     *,
-    max_batch_size: int = 1,
-    compile_mode: str = "",
+    max_batch_size: int,
+    default_size: int,
 ) -> dict[str, Component]:
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
-    if compile_mode not in COMPILE_MODES:
-        raise ValueError(
-            f"unknown torch_compile mode {compile_mode!r}; choose from "
-            f"{', '.join(repr(m) for m in COMPILE_MODES)}"
-        )
-    if compile_mode and runtime != "torch":
-        raise ValueError(f"torch_compile {compile_mode!r} applies to runtime torch, not {runtime}")
-    if runtime == "torch":
-        return _torch_components(folder, manifest, compile_mode)
-    if manifest.get("runtime", "onnx") != "onnx":
+    """text_encoder, unet and vae_decoder on `settings.runtime`. TensorRT engines must
+    cover batches of 1..max_batch_size images at the default size."""
+    if settings.runtime == "torch":
+        return _torch_components(folder, manifest, settings.compile_mode)
+    if manifest["runtime"] != "onnx":
         raise RuntimeError(
             f"{folder} holds no ONNX files (exported with --torch-only): use runtime torch, "
             "or re-run `python -m export onnx` without --torch-only"
         )
-    if runtime == "tensorrt":
-        return _tensorrt_components(folder, manifest, max_batch_size)
-    if runtime == "onnxruntime_cuda":
+    if settings.runtime == "tensorrt":
+        return _tensorrt_components(
+            folder, manifest, max_batch_size=max_batch_size, default_size=default_size
+        )
+    if settings.runtime == "onnxruntime_cuda":
         return {
-            name: OnnxRuntimeCudaComponent(folder, spec, manifest["geometry"], threads=threads)
-            for name, spec in manifest["components"].items()
+            name: OnnxRuntimeCudaComponent(folder, manifest, name, threads=settings.threads)
+            for name in manifest["components"]
         }
     return {
-        name: OnnxRuntimeComponent(folder, spec, threads=threads)
+        name: OnnxRuntimeComponent(folder, spec, threads=settings.threads)
         for name, spec in manifest["components"].items()
     }

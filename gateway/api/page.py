@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
-from gateway.deps import GenerateKey, ServicesDep
+from gateway.api.deps import GenerateKey, ServicesDep
+from gateway.api.http import IfNoneMatch, etag_matches, problems
 from gateway.problems import Problem
-from gateway.routes import etag_matches, problems
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parents[1] / "static"
 MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -41,12 +40,15 @@ PAGE_HEADERS = {
 
 
 class StaticFile:
+    """A file of the page, held in memory with its content ETag."""
+
     def __init__(self, path: Path) -> None:
         self.data = path.read_bytes()
         self.media_type = MEDIA_TYPES[path.suffix]
         self.etag = f'"{hashlib.sha256(self.data).hexdigest()[:20]}"'
 
     def response(self, if_none_match: str | None) -> Response:
+        """The file, or 304 when the client has this version."""
         headers = {"ETag": self.etag, "Cache-Control": "no-cache", **PAGE_HEADERS}
         if etag_matches(if_none_match, self.etag):
             return Response(status_code=304, headers=headers)
@@ -58,18 +60,18 @@ FILES = {
     for p in sorted(STATIC_DIR.iterdir())
     if p.is_file() and p.suffix in MEDIA_TYPES
 }
-IfNoneMatch = Annotated[str | None, Header()]
-
 router = APIRouter()
 
 
 @router.get("/", include_in_schema=False)
 async def index(if_none_match: IfNoneMatch = None) -> Response:
+    """The forge page."""
     return FILES["index.html"].response(if_none_match)
 
 
 @router.get("/static/{name}", include_in_schema=False)
 async def static(name: str, if_none_match: IfNoneMatch = None) -> Response:
+    """One of the page's scripts, styles or icons."""
     file = FILES.get(name)  # only the files listed at start: no paths, no traversal
     if file is None:
         raise Problem(404, "Not Found", f"no static file {name}")

@@ -1,0 +1,236 @@
+"""The image request bodies of the public API, built from the model's generation contract.
+
+Bounds, defaults, the scheduler enum and the size multiple come from the contract the
+model publishes, so the gateway refuses (422, before any charge) what the model would
+refuse, and its OpenAPI document (which the forge page reads) states the model's rules.
+A new contract (another model version, other rules) gives new bodies: the routes validate
+each request against the bodies of the contract in force (`CurrentBodies`), and the OpenAPI
+document is made again from them (`document`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import Field, ValidationError, create_model
+
+from gateway.contract import ContractBook, GenerationContract
+from gateway.schemas import Format, ImageSpec, JobOptions, Strict
+from gateway.weapons import WeaponTemplates
+
+OPTIONS = ("seed", "steps", "guidance_scale", "width", "height", "scheduler", "format")
+
+
+def _size(contract: GenerationContract, axis: str) -> Any:
+    return Field(
+        contract.default_size,
+        ge=contract.min_size,
+        le=contract.max_size,
+        multiple_of=contract.size_multiple,
+        description=f"image {axis} in pixels",
+    )
+
+
+def _options(contract: GenerationContract) -> dict[str, Any]:
+    """Everything but the words, with the contract's bounds and defaults."""
+    schedulers = Literal[tuple(contract.schedulers)]  # type: ignore[valid-type]
+    return {
+        "seed": (
+            int | None,
+            Field(
+                None,
+                ge=0,
+                le=contract.max_seed,
+                description="same seed and parameters, same image; random if absent",
+            ),
+        ),
+        "steps": (
+            int,
+            Field(
+                contract.default_steps,
+                ge=contract.min_steps,
+                le=contract.max_steps,
+                description="denoising steps",
+            ),
+        ),
+        "guidance_scale": (
+            float,
+            Field(
+                contract.default_guidance,
+                ge=contract.min_guidance,
+                le=contract.max_guidance,
+                allow_inf_nan=False,
+                description="prompt adherence; at most "
+                f"{contract.unguided_at_most:g} skips the unconditional pass (half the cost)",
+            ),
+        ),
+        "width": (int, _size(contract, "width")),
+        "height": (int, _size(contract, "height")),
+        "scheduler": (schedulers, Field(contract.default_scheduler)),
+        "format": (Format, Field("png")),
+    }
+
+
+def _words(contract: GenerationContract) -> dict[str, Any]:
+    overflow = (
+        "longer prompts get 422" if contract.prompt_overflow == "reject" else "the rest is dropped"
+    )
+    return {
+        "prompt": (
+            str,
+            Field(
+                min_length=1,
+                max_length=contract.max_prompt_chars,
+                pattern=r"\S",
+                description=f"what to draw; at most {contract.max_prompt_tokens} CLIP tokens "
+                f"({overflow})",
+            ),
+        ),
+        "negative_prompt": (
+            str,
+            Field("", max_length=contract.max_prompt_chars, description="what to avoid"),
+        ),
+    }
+
+
+class ImageJobBody(JobOptions):
+    """An image job: its entries are the contract's ImageRequest (see RequestBodies)."""
+
+    images: list[Strict]
+
+
+class WeaponJobBody(JobOptions):
+    """A weapon job: its entries are the contract's WeaponRequest (see RequestBodies)."""
+
+    weapons: list[Strict]
+
+
+@dataclass(frozen=True)
+class RequestBodies:
+    """The pydantic classes of the contract-shaped request bodies, and how to resolve them."""
+
+    contract: GenerationContract
+    templates: WeaponTemplates
+    image: type[Strict]
+    weapon: type[Strict]
+    image_job: type[ImageJobBody]
+    weapon_job: type[WeaponJobBody]
+
+    @classmethod
+    def build(
+        cls, contract: GenerationContract, templates: WeaponTemplates, max_job_items: int
+    ) -> RequestBodies:
+        """Every body for this contract; job bodies hold 1..max_job_items images."""
+        options = _options(contract)
+        image = create_model("ImageRequest", __base__=Strict, **_words(contract), **options)
+        weapon = create_model(
+            "WeaponRequest", __base__=Strict, **templates.fields_schema(), **options
+        )
+        image_job = create_model(
+            "ImageJobRequest",
+            __base__=ImageJobBody,
+            images=(
+                list[image],
+                Field(min_length=1, max_length=max_job_items, description="one image each"),
+            ),
+        )
+        weapon_job = create_model(
+            "WeaponJobRequest",
+            __base__=WeaponJobBody,
+            weapons=(
+                list[weapon],
+                Field(min_length=1, max_length=max_job_items, description="one weapon each"),
+            ),
+        )
+        return cls(contract, templates, image, weapon, image_job, weapon_job)
+
+    def image_spec(self, body: Strict) -> ImageSpec:
+        """The resolved image of an ImageRequest body (or a job's entry)."""
+        return ImageSpec(**body.model_dump(include={"prompt", "negative_prompt", *OPTIONS}))
+
+    def parse(self, name: str, data: Any) -> Any:
+        """`data` validated as the body class `name` (e.g. "ImageRequest"); a 422 if not.
+
+        Errors carry FastAPI's shape (`loc` starting with "body"), so they leave the gateway
+        as every other validation error does.
+        """
+        try:
+            return self.classes[name].model_validate(data)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+            ) from exc
+
+    @property
+    def classes(self) -> dict[str, type[Strict]]:
+        """The body classes by their OpenAPI schema name."""
+        return {
+            cls.__name__: cls for cls in (self.image, self.weapon, self.image_job, self.weapon_job)
+        }
+
+    def image_job_specs(self, body: ImageJobBody) -> list[ImageSpec]:
+        """The resolved images of an image job, in order."""
+        return [self.image_spec(image) for image in body.images]
+
+    def weapon_job_specs(self, body: WeaponJobBody) -> list[ImageSpec]:
+        """The resolved images of a weapon job, in order."""
+        return [self.weapon_spec(weapon) for weapon in body.weapons]
+
+    def weapon_spec(self, body: Strict) -> ImageSpec:
+        """The resolved image of a WeaponRequest body: the templates write the words."""
+        prompt, negative = self.templates.render(body)
+        return ImageSpec(
+            prompt=prompt, negative_prompt=negative, **body.model_dump(include=set(OPTIONS))
+        )
+
+
+class CurrentBodies:
+    """The bodies of the contract in force, built again when the contract changes."""
+
+    def __init__(
+        self, contract: ContractBook, templates: WeaponTemplates, max_job_items: int
+    ) -> None:
+        self.contract, self.templates, self.max_job_items = contract, templates, max_job_items
+        self._built: RequestBodies | None = None
+
+    def get(self) -> RequestBodies:
+        """The bodies of the current contract (UnknownContract if none was seen)."""
+        contract = self.contract.current
+        if self._built is None or self._built.contract.fingerprint != contract.fingerprint:
+            self._built = RequestBodies.build(contract, self.templates, self.max_job_items)
+        return self._built
+
+
+CONTRACT_BODY = "x-contract-body"  # operation marker: its body is this contract-shaped class
+
+
+def contract_body(name: str) -> dict[str, Any]:
+    """`openapi_extra` of a route whose body is the contract-shaped class `name`."""
+    return {CONTRACT_BODY: name}
+
+
+def document(openapi: dict[str, Any], bodies: RequestBodies | None) -> None:
+    """Give the marked operations of an OpenAPI document their contract-shaped bodies.
+
+    With no contract known yet, a marked operation documents a plain JSON object.
+    """
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for operations in openapi.get("paths", {}).values():
+        for operation in operations.values():
+            name = operation.pop(CONTRACT_BODY, None)
+            if name is None:
+                continue
+            schema: dict[str, Any] = {"type": "object"}
+            if bodies is not None:
+                schema = {"$ref": f"#/components/schemas/{name}"}
+                found = bodies.classes[name].model_json_schema(
+                    ref_template="#/components/schemas/{model}"
+                )
+                schemas.update(found.pop("$defs", {}))
+                schemas[name] = found
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": schema}},
+            }

@@ -8,15 +8,22 @@ PY := $(VENV)/bin/python
 TINY_MODEL := var/models/forge-tiny-sd
 WEIGHTS := model_repository/stable_diffusion/1/weights/manifest.json
 SAMPLE := var/out/first-weapon.png
-APT_PACKAGES := libb64-0d redis-server prometheus prometheus-alertmanager chromium graphviz
+# Debian's own python3 needs python3-venv (ensurepip, for the venv) and python3-dev: Python.h
+# and g++ are what torch.compile's CPU backend (inductor) compiles its kernels with, and it
+# brings the shared libpython that Triton's Python backend stub links; the rest are the local
+# services and tools (Redis, Prometheus, Alertmanager, Chromium for the page tests, Graphviz).
+APT_PACKAGES := python3-venv python3-dev g++ libb64-0d redis-server prometheus prometheus-alertmanager chromium graphviz
 
-.PHONY: help install system-deps model up down test bench lint diagram clean
+SOAK_S ?= 600
+
+.PHONY: help install system-deps model up down test bench soak lint diagram clean
 
 help:
 	@echo "make up      start Triton on the tiny CPU model and write a first weapon image"
 	@echo "make down    stop what make up started"
 	@echo "make test    run every test (starts its own services on free ports)"
 	@echo "make bench   CPU benchmarks: Triton vs. in-process, gateway and jobs vs. Triton"
+	@echo "make soak    load while services are killed and restarted (SOAK_S=600 seconds)"
 	@echo "make lint    ruff, import boundaries, mypy, GitHub workflows and Dockerfiles"
 	@echo "make diagram docs/images/architecture.svg and .png from the chart's values and perf/RESULTS.md"
 
@@ -32,7 +39,8 @@ system-deps: var/.system-deps
 
 $(VENV)/.installed: pyproject.toml var/.system-deps
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A venv whose creation failed half-way (no pip) is made again, not kept.
+	test -x $(VENV)/bin/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	# Only the CLIP BPE vocabulary file is used from open-clip-torch: none of its dependencies.
@@ -72,9 +80,16 @@ bench: $(WEIGHTS)
 	$(PY) perf/bench_triton.py
 	$(PY) perf/bench_gateway.py
 
+# Sync and job load for SOAK_S seconds while Triton, Redis, the broker, a worker and the
+# gateway are killed and started again, then a drain; perf/results/soak.json (perf/soak.py).
+soak: $(WEIGHTS)
+	$(PY) perf/soak.py --soak-s $(SOAK_S)
+
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
+	# Known vulnerabilities of the installed dependency set, offline (.ci/audit_dependencies.py).
+	$(PY) .ci/audit_dependencies.py check
 	$(PY) -m mypy export launcher gateway perf model_repository/stable_diffusion/1
 	$(PY) -m mypy -p helm.diagram
 	# GitHub Actions workflows against the schema that ships inside check-jsonschema (offline).

@@ -16,7 +16,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         proxy_headers=True,
-        forwarded_allow_ips="*",
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_level="info",
         timeout_graceful_shutdown=30,
     )

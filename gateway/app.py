@@ -18,6 +18,7 @@ from gateway import problems
 from gateway.api import assets, health, images, jobs, keys, page
 from gateway.bodies import RequestBodies, document
 from gateway.contract import UnknownContract
+from gateway.keys import KeysFileError, dev_key
 from gateway.problems import Problem
 from gateway.services import Services, open_services
 from gateway.settings import Settings
@@ -56,20 +57,28 @@ class BodyLimit:
 
 
 async def bootstrap_keys(svc: Services) -> None:
-    """The dev key and the keys file, retried until Redis answers."""
+    """The dev key and the keys file, retried until Redis answers and the file loads.
+
+    Until then `/readyz` says why not (a keys file that cannot be read is an error in the
+    log and in the readiness check, never a silent 401 for everyone).
+    """
     settings = svc.settings
     while True:
         try:
             if settings.dev_api_key:
-                await svc.keys.create(
-                    "dev", ("generate", "admin"), "standard", secret=settings.dev_api_key
-                )
+                await svc.keys.ensure(dev_key(settings.dev_api_key, settings.dev_webhook_secret))
             if settings.api_keys_file:
-                await svc.keys.load_file(settings.api_keys_file)
+                count = await svc.keys.load_file(settings.api_keys_file)
+                log.info("loaded %d API keys from %s", count, settings.api_keys_file)
+            svc.keys.problem = None
             return
         except RedisError as exc:
+            svc.keys.problem = f"Redis unavailable ({type(exc).__name__})"
             log.warning("cannot load API keys yet (%r); retrying", exc)
-            await asyncio.sleep(2)
+        except KeysFileError as exc:
+            svc.keys.problem = str(exc)
+            log.error("%s; fix the file (retrying every 10 s)", exc)
+        await asyncio.sleep(10 if svc.keys.problem and "file" in svc.keys.problem else 2)
 
 
 async def watch_dependencies(svc: Services) -> None:

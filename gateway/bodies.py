@@ -11,13 +11,14 @@ document is made again from them (`document`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import Field, ValidationError, create_model
+from pydantic import Field, ValidationError, create_model, field_validator
 
+from gateway.callback_urls import CallbackRules
 from gateway.contract import ContractBook, GenerationContract
-from gateway.schemas import Format, ImageSpec, JobOptions, Strict
+from gateway.schemas import Format, ImageSpec, JobOptions, JsonInt, Strict, bounded_int
 from gateway.weapons import WeaponTemplates
 
 OPTIONS = ("seed", "steps", "guidance_scale", "width", "height", "scheduler", "format")
@@ -38,16 +39,11 @@ def _options(contract: GenerationContract) -> dict[str, Any]:
     schedulers = Literal[tuple(contract.schedulers)]  # type: ignore[valid-type]
     return {
         "seed": (
-            int | None,
-            Field(
-                None,
-                ge=0,
-                le=contract.max_seed,
-                description="same seed and parameters, same image; random if absent",
-            ),
+            bounded_int(0, contract.max_seed) | None,
+            Field(None, description="same seed and parameters, same image; random if absent"),
         ),
         "steps": (
-            int,
+            JsonInt,
             Field(
                 contract.default_steps,
                 ge=contract.min_steps,
@@ -66,8 +62,8 @@ def _options(contract: GenerationContract) -> dict[str, Any]:
                 f"{contract.unguided_at_most:g} skips the unconditional pass (half the cost)",
             ),
         ),
-        "width": (int, _size(contract, "width")),
-        "height": (int, _size(contract, "height")),
+        "width": (JsonInt, _size(contract, "width")),
+        "height": (JsonInt, _size(contract, "height")),
         "scheduler": (schedulers, Field(contract.default_scheduler)),
         "format": (Format, Field("png")),
     }
@@ -95,6 +91,39 @@ def _words(contract: GenerationContract) -> dict[str, Any]:
     }
 
 
+def job_options(callbacks: CallbackRules | None) -> type[JobOptions]:
+    """JobOptions with a `callback_url` following `callbacks` (none where callbacks are off).
+
+    The pattern states what a URL must look like; a literal address is refused with its
+    reason before the pattern is tried.
+    """
+    if callbacks is None:
+        return JobOptions
+
+    def text_rules(value: Any) -> Any:
+        if isinstance(value, str):
+            callbacks.check_text(value)  # UnsafeCallback is a ValueError: a 422 naming why
+        return value
+
+    return create_model(
+        "JobOptions",
+        __base__=JobOptions,
+        __validators__={
+            "callback_text": field_validator("callback_url", mode="before")(text_rules)
+        },
+        callback_url=(
+            str | None,
+            Field(
+                None,
+                max_length=2000,
+                pattern=callbacks.pattern(),
+                description="receives the finished job, signed with the API key's webhook "
+                "secret as Standard Webhooks specifies; a public http(s) URL",
+            ),
+        ),
+    )
+
+
 class ImageJobBody(JobOptions):
     """An image job: its entries are the contract's ImageRequest (see RequestBodies)."""
 
@@ -120,17 +149,22 @@ class RequestBodies:
 
     @classmethod
     def build(
-        cls, contract: GenerationContract, templates: WeaponTemplates, max_job_items: int
+        cls,
+        contract: GenerationContract,
+        templates: WeaponTemplates,
+        max_job_items: int,
+        callbacks: CallbackRules | None,
     ) -> RequestBodies:
         """Every body for this contract; job bodies hold 1..max_job_items images."""
         options = _options(contract)
+        job_base = job_options(callbacks)
         image = create_model("ImageRequest", __base__=Strict, **_words(contract), **options)
         weapon = create_model(
             "WeaponRequest", __base__=Strict, **templates.fields_schema(), **options
         )
         image_job = create_model(
             "ImageJobRequest",
-            __base__=ImageJobBody,
+            __base__=(ImageJobBody, job_base),
             images=(
                 list[image],
                 Field(min_length=1, max_length=max_job_items, description="one image each"),
@@ -138,13 +172,20 @@ class RequestBodies:
         )
         weapon_job = create_model(
             "WeaponJobRequest",
-            __base__=WeaponJobBody,
+            __base__=(WeaponJobBody, job_base),
             weapons=(
                 list[weapon],
                 Field(min_length=1, max_length=max_job_items, description="one weapon each"),
             ),
         )
-        return cls(contract, templates, image, weapon, image_job, weapon_job)
+        return cls(
+            contract,
+            templates,
+            image,
+            weapon,
+            cast(type[ImageJobBody], image_job),
+            cast(type[WeaponJobBody], weapon_job),
+        )
 
     def image_spec(self, body: Strict) -> ImageSpec:
         """The resolved image of an ImageRequest body (or a job's entry)."""
@@ -190,16 +231,23 @@ class CurrentBodies:
     """The bodies of the contract in force, built again when the contract changes."""
 
     def __init__(
-        self, contract: ContractBook, templates: WeaponTemplates, max_job_items: int
+        self,
+        contract: ContractBook,
+        templates: WeaponTemplates,
+        max_job_items: int,
+        callbacks: CallbackRules | None,
     ) -> None:
         self.contract, self.templates, self.max_job_items = contract, templates, max_job_items
+        self.callbacks = callbacks
         self._built: RequestBodies | None = None
 
     def get(self) -> RequestBodies:
         """The bodies of the current contract (UnknownContract if none was seen)."""
         contract = self.contract.current
         if self._built is None or self._built.contract.fingerprint != contract.fingerprint:
-            self._built = RequestBodies.build(contract, self.templates, self.max_job_items)
+            self._built = RequestBodies.build(
+                contract, self.templates, self.max_job_items, self.callbacks
+            )
         return self._built
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -81,16 +82,29 @@ def _keys(args: argparse.Namespace) -> int:
         store = KeyStore(redis)
         try:
             if args.action == "create":
-                secret, record = await store.create(args.name, tuple(args.scopes), args.tier)
-                print(json.dumps({**record.public(), "key": secret}))
+                expires = (
+                    time.time() + args.expires_in_days * 86_400 if args.expires_in_days else None
+                )
+                secret, record = await store.create(
+                    args.name, tuple(args.scopes), args.tier, expires_at=expires
+                )
+                made = {"key": secret, "webhook_secret": record.webhook_secrets[0]}
+                print(json.dumps({**record.public(), **made}))
             elif args.action == "revoke":
                 if not await store.revoke(args.id):
                     print(f"error: no API key {args.id}", file=sys.stderr)
                     return 1
                 print(f"revoked {args.id}")
+            elif args.action == "rotate-webhook-secret":
+                settings = Settings()
+                new = await store.rotate_webhook_secret(args.id, settings.webhook_secret_overlap_s)
+                if new is None:
+                    print(f"error: no API key {args.id}", file=sys.stderr)
+                    return 1
+                print(json.dumps({"id": args.id, "webhook_secret": new}))
             else:
                 for key in await store.list():
-                    print(json.dumps(key.public()))
+                    print(json.dumps(key))
             return 0
         finally:
             await redis.aclose()
@@ -137,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--name", required=True)
     create.add_argument("--scopes", nargs="+", choices=["generate", "admin"], default=["generate"])
     create.add_argument("--tier", choices=["priority", "standard", "bulk"], default="standard")
+    create.add_argument("--expires-in-days", type=int, help="the key stops working after")
     revoke = actions.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("id")
-    actions.add_parser("list", help="every key's id, name, scopes, tier and state")
+    actions.add_parser("list", help="every key's id, name, scopes, tier, state and last use")
+    rotate = actions.add_parser(
+        "rotate-webhook-secret",
+        help="print a new webhook secret; the previous one signs too for a while",
+    )
+    rotate.add_argument("id")
     keys.set_defaults(func=_keys)
     args = parser.parse_args(argv)
     try:

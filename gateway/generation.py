@@ -21,16 +21,22 @@ from gateway.contract import ContractBook
 from gateway.schemas import ImageResult, ImageSpec, ModelInfo, Timings
 from gateway.triton_client import AsyncTriton, ImageParams, ModelError
 
+PNG_LEVEL = 1
+
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:
-    """PNG or WebP bytes of an HxWx3 uint8 image."""
+    """PNG or WebP bytes of an HxWx3 uint8 image.
+
+    PNG at zlib level 1: lossless like any level, a few times faster to write than the
+    default 6 for slightly larger files (perf/bench_gateway.py measures both).
+    """
     from PIL import Image
 
     buffer = io.BytesIO()
     if fmt == "webp":
         Image.fromarray(pixels).save(buffer, format="WEBP", quality=90, method=4)
     else:
-        Image.fromarray(pixels).save(buffer, format="PNG")
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=PNG_LEVEL)
     return buffer.getvalue()
 
 

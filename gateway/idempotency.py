@@ -3,7 +3,9 @@
 Scoped to the API key. The first request with a key claims it (SET NX) with the request's
 fingerprint; a repeat with the same body gets the stored result without a second generation,
 one with another body gets 422, one while the first is still running gets 409. A failed
-request releases its key so that the client can retry.
+request releases its key so that the client can retry. A job submission records its result
+in the same Redis transaction that records the job (`Claim.record`), so a key never stays
+claimed for a job that exists.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from gateway.problems import Problem
 
@@ -65,13 +68,52 @@ class Idempotency:
             )
         return dict(stored["result"])
 
-    async def complete(
-        self, api_key_id: str, key: str, print_: str, result: dict[str, Any]
-    ) -> None:
-        """Store the result under the key, for replays until the TTL."""
+    def record(
+        self, pipe: Redis | Pipeline, api_key_id: str, key: str, print_: str, result: dict[str, Any]
+    ) -> Any:
+        """Store the result under the key, for replays until the TTL (on `pipe`: in its step)."""
         value = json.dumps({"fingerprint": print_, "state": "done", "result": result})
-        await self.redis.set(self._name(api_key_id, key), value, ex=self.ttl_s)
+        return pipe.set(self._name(api_key_id, key), value, ex=self.ttl_s)
 
-    async def release(self, api_key_id: str, key: str) -> None:
+    def forget(self, pipe: Redis | Pipeline, api_key_id: str, key: str) -> Any:
         """Give the key up after a failure, so that the client can retry."""
-        await self.redis.delete(self._name(api_key_id, key))
+        return pipe.delete(self._name(api_key_id, key))
+
+    def claim(self, api_key_id: str, key: str | None, path: str, body: dict[str, Any]) -> Claim:
+        """The hold of one request (route `path`, validated `body`) on its key, if it has one."""
+        return Claim(self, api_key_id, key, fingerprint(path, body))
+
+
+class Claim:
+    """One request's hold on its Idempotency-Key; every method is a no-op without a key."""
+
+    def __init__(self, store: Idempotency, api_key_id: str, key: str | None, print_: str) -> None:
+        self.store, self.api_key_id, self.key, self.print_ = store, api_key_id, key, print_
+
+    async def begin(self) -> dict[str, Any] | None:
+        """The stored result of the same request made before, or None (go ahead)."""
+        if self.key is None:
+            return None
+        return await self.store.begin(self.api_key_id, self.key, self.print_)
+
+    async def complete(self, result: dict[str, Any]) -> None:
+        """Keep `result` for replays."""
+        if self.key is not None:
+            await self.store.record(
+                self.store.redis, self.api_key_id, self.key, self.print_, result
+            )
+
+    def record(self, pipe: Pipeline, result: dict[str, Any]) -> None:
+        """Keep `result` for replays, as part of the transaction `pipe`."""
+        if self.key is not None:
+            self.store.record(pipe, self.api_key_id, self.key, self.print_, result)
+
+    async def release(self) -> None:
+        """The request failed: the client may retry with the same key."""
+        if self.key is not None:
+            await self.store.forget(self.store.redis, self.api_key_id, self.key)
+
+    def forget(self, pipe: Pipeline) -> None:
+        """The request failed: release the key as part of the transaction `pipe`."""
+        if self.key is not None:
+            self.store.forget(pipe, self.api_key_id, self.key)

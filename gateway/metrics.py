@@ -21,7 +21,7 @@ CACHE_REQUESTS = Counter(
 RATE_LIMITED = Counter("forge_rate_limited_total", "Requests refused with 429", ["tier"])
 DEPENDENCY_UP = Gauge(
     "forge_dependency_up",
-    "1 when the gateway's last check of a dependency (triton, redis) succeeded",
+    "1 when the gateway's last check of a dependency (triton, redis, broker) succeeded",
     ["dependency"],
 )
 TRITON_ERRORS = Counter("forge_triton_errors_total", "Failed Triton calls by status", ["status"])
@@ -30,7 +30,7 @@ TRITON_ERRORS = Counter("forge_triton_errors_total", "Failed Triton calls by sta
 JOBS = Counter(
     "forge_jobs_total",
     "Job items handled by workers, by topic and outcome "
-    "(succeeded, failed, retried, dead_lettered, duplicate)",
+    "(succeeded, failed, retried, dead_lettered, duplicate, orphaned: its job is gone)",
     ["topic", "outcome"],
 )
 JOB_QUEUE_WAIT = Histogram(
@@ -52,3 +52,32 @@ CONSUMER_LAG = Gauge(
 JOBS_SUBMITTED = Counter(
     "forge_jobs_submitted_total", "Job items accepted by the gateway", ["topic"]
 )
+WORKER_PAUSED = Gauge(
+    "forge_worker_paused",
+    "1 while the worker takes no work because the image model is unavailable",
+)
+COMMIT_FAILURES = Counter(
+    "forge_commit_failures_total",
+    "Offset commits that failed (e.g. after a rebalance); their items are read again",
+)
+CALLBACKS = Counter(
+    "forge_callbacks_total",
+    "Callback attempts from the outbox, by outcome (delivered, retried, gave_up)",
+    ["outcome"],
+)
+SWEPT = Counter(
+    "forge_swept_total",
+    "What the sweeper did, by action (requeued, expired, results_sent)",
+    ["action"],
+)
+
+
+def start_worker_series() -> None:
+    """Export the worker's labelled counters at 0 from the start, so that a rate or an
+    increase sees their first event (a series born at 1 shows no increase)."""
+    for reason in ("malformed", "invalid", "exhausted"):
+        DEAD_LETTERS.labels(reason)
+    for outcome in ("delivered", "retried", "gave_up"):
+        CALLBACKS.labels(outcome)
+    for action in ("requeued", "expired", "results_sent"):
+        SWEPT.labels(action)

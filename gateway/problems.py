@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.assets import StoreUnavailable
 from gateway.contract import UnknownContract
 from gateway.queue import QueueUnavailable
 from gateway.triton_client import (
@@ -106,6 +107,13 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(UnknownContract)
     async def _no_contract(request: Request, exc: UnknownContract) -> JSONResponse:
         return unavailable(str(exc), retry_after_s).response(request.url.path)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("asset store unavailable on %s: %s", request.url.path, exc)
+        return unavailable("the asset store is unavailable", retry_after_s).response(
+            request.url.path
+        )
 
     @app.exception_handler(QueueUnavailable)
     async def _queue(request: Request, exc: QueueUnavailable) -> JSONResponse:

@@ -47,13 +47,27 @@ class JobQueue:
             return self._producer
 
     async def send(self, topic: str, key: bytes, value: bytes) -> None:
-        """Send and wait for the broker's acknowledgement (acks=all), or QueueUnavailable."""
-        try:
-            producer = await self.producer()
-            await producer.send_and_wait(topic, value=value, key=key)
-        except (KafkaError, OSError) as exc:
-            log.warning("kafka send to %s failed: %r", topic, exc)
-            raise QueueUnavailable(type(exc).__name__) from exc
+        """Send and wait for the broker's acknowledgement (acks=all), or QueueUnavailable.
+
+        A failed send is tried once more after making the topics again: a broker that
+        restarted without its data has none.
+        """
+        for attempt in range(2):
+            try:
+                producer = await self.producer()
+                if attempt:
+                    await ensure_topics(self.settings)
+                await producer.send_and_wait(topic, value=value, key=key)
+                return
+            except (KafkaError, OSError) as exc:
+                log.warning("kafka send to %s failed (%r)", topic, exc)
+                error = exc
+        raise QueueUnavailable(type(error).__name__) from error
+
+    async def ready(self) -> bool:
+        """Whether the broker answers now (a metadata round trip), starting the producer."""
+        producer = await self.producer()
+        return bool(await producer.client.force_metadata_update())
 
     async def close(self) -> None:
         """Flush and stop the producer, if it was started."""

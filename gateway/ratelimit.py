@@ -10,6 +10,7 @@ closed: 503 with Retry-After, never unlimited.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,13 +18,17 @@ from dataclasses import dataclass
 from limits import RateLimitItem, parse
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from redis.asyncio import Redis
 
 from gateway import metrics
 from gateway.contract import GenerationContract
+from gateway.jobs import JobMessage
+from gateway.keys import KeyStore
 from gateway.problems import Problem, unavailable
 from gateway.schemas import ImageSpec
 
 UNIT_PIXELS = 512 * 512
+log = logging.getLogger(__name__)
 
 
 def cost(spec: ImageSpec, contract: GenerationContract) -> int:
@@ -55,13 +60,21 @@ class RateLimiter:
     """Sliding-window limits per API key, in cost units, by the key's tier."""
 
     def __init__(
-        self, redis_url: str, default: str, by_tier: dict[str, str], retry_after_s: int
+        self,
+        redis: Redis,
+        redis_url: str,
+        default: str,
+        by_tier: dict[str, str],
+        retry_after_s: int,
     ) -> None:
+        # The storage uses `redis`'s connections (and so its retries); the URL names the kind.
+        # `connection_pool` is a documented option that the options' annotation leaves out.
         self.storage = RedisStorage(
             "async+" + redis_url,
             implementation="redispy",
             wrap_exceptions=True,
             key_prefix="forge:ratelimit",
+            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
         )
         self.limiter = SlidingWindowCounterRateLimiter(self.storage)
         self.default = parse(default)
@@ -71,6 +84,20 @@ class RateLimiter:
     def item(self, tier: str) -> RateLimitItem:
         """The limit of a tier (the default limit for a tier without its own)."""
         return self.by_tier.get(tier, self.default)
+
+    async def refund(self, key_id: str, tier: str, units: int) -> None:
+        """Give back `units` for work that failed on the server's side (best effort: a
+        refund lost while Redis is away only leaves the charge in place)."""
+        try:
+            await self.limiter.hit(self.item(tier), key_id, cost=-units)
+        except Exception as exc:  # limits wraps every storage error in StorageError
+            log.warning("rate-limit refund of %d units for %s lost (%r)", units, key_id, exc)
+
+    async def refund_item(self, keys: KeyStore, message: JobMessage) -> None:
+        """Give a job item's charge back to the key that submitted it."""
+        owner = await keys.get(message.api_key_id)
+        if owner is not None and message.units:
+            await self.refund(owner.id, owner.tier, message.units)
 
     async def charge(self, key_id: str, tier: str, units: int) -> Charge:
         """Take `units` from the key's window, or raise 429 (over) or 503 (Redis down)."""

@@ -6,13 +6,28 @@ model's generation contract in `gateway.bodies`; what is here does not depend on
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 Format = Literal["png", "webp"]
 Priority = Literal["priority", "standard", "bulk"]
 ItemStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+def _whole_number(value: Any) -> Any:
+    """A JSON number without a fraction (2.0) is an integer, as JSON Schema counts them."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer field of a request body: strict (no "5", no true), but 2.0 is 2.
+JsonInt = Annotated[int, BeforeValidator(_whole_number)]
+
+
+def bounded_int(low: int, high: int) -> Any:
+    """JsonInt within [low, high], for use inside a union (`bounded_int(0, 9) | None`): the
+    bounds come before the validator, so the JSON schema states them as minimum/maximum."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_whole_number)]
 
 
 class Strict(BaseModel):
@@ -82,38 +97,57 @@ class ProblemDetails(BaseModel):
 
 
 class KeyRequest(Strict):
-    """A new API key: its name, scopes and tier."""
+    """A new API key: its name, scopes, tier and, optionally, how long it lives."""
 
     name: str = Field(min_length=1, max_length=100)
     scopes: list[Literal["generate", "admin"]] = Field(default=["generate"], min_length=1)
     tier: Priority = "standard"
+    expires_in_days: bounded_int(1, 3650) | None = Field(  # type: ignore[valid-type]
+        None, description="the key stops working after this many days"
+    )
 
 
 class KeyInfo(BaseModel):
-    """An API key as listed (never its secret)."""
+    """An API key as listed (never its secrets)."""
 
     id: str
     name: str
     scopes: list[str]
     tier: str
     revoked: bool
+    source: Literal["api", "file", "dev"] = Field(
+        description="made over the API or the CLI, from the keys file, or the dev key"
+    )
+    created_at: float
+    expires_at: float | None
+    previous_secret_until: float | None = Field(
+        description="after a rotation, the previous webhook secret also signs until then"
+    )
+    last_used_at: float | None = Field(None, description="to the minute")
 
 
 class CreatedKey(KeyInfo):
-    """A key just made, with its secret, shown this once."""
+    """A key just made, with its secrets, shown this once."""
 
     key: str = Field(description="the secret; shown only once")
+    webhook_secret: str = Field(
+        description="signs the callbacks of this key's jobs (Standard Webhooks); shown only once"
+    )
+
+
+class RotatedSecret(BaseModel):
+    """A key's new webhook secret, shown this once."""
+
+    webhook_secret: str
+    previous_valid_until: float = Field(
+        description="the previous secret also signs callbacks until then"
+    )
 
 
 class JobOptions(Strict):
-    """What a job adds to its images: where to call back and which queue."""
+    """What a job adds to its images: which queue (and, where callbacks are on, a
+    `callback_url`: see `gateway.bodies`)."""
 
-    callback_url: str | None = Field(
-        None,
-        max_length=2000,
-        pattern=r"^https?://",
-        description="receives the finished job, signed as Standard Webhooks specifies",
-    )
     priority: Priority | None = Field(
         None, description="queue to use; at most the API key's tier (default: the tier)"
     )

@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.assets import asset_store
 from gateway.bodies import CurrentBodies
 from gateway.cache import ResultCache
+from gateway.callback_urls import CallbackRules
 from gateway.contract import ContractBook
 from gateway.generation import Generator
 from gateway.idempotency import Idempotency
@@ -33,6 +37,7 @@ class Services:
     redis: Redis
     triton: AsyncTriton
     contract: ContractBook
+    callbacks: CallbackRules | None  # None: callbacks are off
     bodies: CurrentBodies
     keys: KeyStore
     limiter: RateLimiter
@@ -43,10 +48,27 @@ class Services:
     queue: JobQueue
 
     async def close(self) -> None:
-        """Close the connections (the producer first: it may flush)."""
+        """Close the connections (the producer first: it may flush) and flush the assets."""
         await self.queue.close()
+        await self.generator.assets.close()
         await self.triton.close()
+        if self.generator.cache.redis is not self.redis:
+            await self.generator.cache.redis.aclose()
         await self.redis.aclose()
+
+
+def redis_client(url: str) -> Redis:
+    """A Redis client that tries a command again, on a fresh connection, when its connection
+    broke (Redis restarted or failed over): a pooled connection that went stale costs a
+    retry, not a 503. Timeouts are not retried: the command may have run."""
+    return Redis.from_url(
+        url,
+        socket_timeout=5,
+        socket_connect_timeout=3,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[RedisConnectionError],
+    )
 
 
 def open_services(settings: Settings) -> Services:
@@ -55,18 +77,22 @@ def open_services(settings: Settings) -> Services:
     Nothing connects here: clients connect on first use, so a process starts while its
     dependencies are away and recovers when they come back.
     """
-    redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+    redis = redis_client(settings.redis_url)
+    cache_redis = redis_client(settings.cache_redis_url) if settings.cache_redis_url else redis
     triton = AsyncTriton(settings.triton_grpc_url, settings.triton_timeout_s)
     contract = ContractBook(triton, redis)
     weapons = WeaponTemplates.load(settings.weapon_templates)
+    callbacks = CallbackRules.from_settings(settings) if settings.callbacks else None
     return Services(
         settings=settings,
         redis=redis,
         triton=triton,
         contract=contract,
-        bodies=CurrentBodies(contract, weapons, settings.max_job_items),
+        callbacks=callbacks,
+        bodies=CurrentBodies(contract, weapons, settings.max_job_items, callbacks),
         keys=KeyStore(redis),
         limiter=RateLimiter(
+            redis,
             settings.redis_url,
             settings.rate_limit,
             settings.rate_limit_by_tier,
@@ -79,10 +105,10 @@ def open_services(settings: Settings) -> Services:
             triton,
             contract,
             asset_store(settings),
-            ResultCache(redis, settings.cache_ttl_s),
+            ResultCache(cache_redis, settings.cache_ttl_s),
             settings.public_base_url,
         ),
         weapons=weapons,
-        jobs=JobStore(redis, settings.job_ttl_s),
+        jobs=JobStore(redis, settings.job_ttl_s, settings.topic_prefix),
         queue=JobQueue(settings),
     )

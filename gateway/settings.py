@@ -16,8 +16,15 @@ class Settings(BaseSettings):
     # Where things are
     host: str = "127.0.0.1"
     port: int = 8080
+    # Who may set X-Forwarded-For/-Proto (the load balancer's addresses: comma-separated IPs
+    # or networks, as uvicorn's forwarded_allow_ips takes them); others' are ignored.
+    forwarded_allow_ips: str = "127.0.0.1"
     triton_grpc_url: str = "127.0.0.1:8001"
+    # Job state, API keys, rate limits, idempotency: nothing here may be evicted (in
+    # Kubernetes, a Redis with maxmemory-policy noeviction). The result cache may be evicted:
+    # give it its own LRU Redis with cache_redis_url (default: the same Redis).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    cache_redis_url: str | None = None
     asset_dir: Path = Path("var/assets")
     asset_s3_bucket: str | None = None
     asset_s3_prefix: str = "assets/"
@@ -27,7 +34,12 @@ class Settings(BaseSettings):
 
     # Keys
     dev_api_key: str | None = Field(None, description="created at start with every scope")
+    dev_webhook_secret: str | None = Field(
+        None, description="whsec_... the dev key signs callbacks with (default: one is made)"
+    )
     api_keys_file: Path | None = Field(None, description="YAML of hashed keys (a Secret)")
+    # How long a key's previous webhook secret keeps signing after a rotation.
+    webhook_secret_overlap_s: float = 86_400.0
 
     # Generation
     triton_timeout_s: float = 120.0
@@ -60,12 +72,28 @@ class Settings(BaseSettings):
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     fetch_max_wait_ms: int = 50  # how long an idle poll waits: the floor of queueing latency
+    # An item's own failures (not an outage of the image model): attempts and backoff.
     max_attempts: int = 5
-    retry_backoff_s: float = 1.0
-    retry_backoff_max_s: float = 30.0
-    webhook_secret: str | None = Field(None, description="whsec_... (Standard Webhooks)")
-    webhook_attempts: int = 5
+    retry_backoff_s: float = 2.0
+    retry_backoff_max_s: float = 300.0
+    # An item not finished this long after submission fails (e.g. Triton down for hours).
+    item_deadline_s: float = 6 * 3600.0
+    # The sweeper: how often it runs, and after how long without progress it sends an
+    # item's message again (a lost message; a duplicate only costs one generation).
+    sweep_every_s: float = 30.0
+    stuck_after_s: float = 900.0
+    # Callbacks (gateway.callback_urls): on or off, the ports they may use, internal networks
+    # admitted on purpose, the DNS servers to ask (empty: the system resolver).
+    callbacks: bool = True
+    callback_ports: list[int] = [80, 443]
+    callback_allow_networks: list[str] = []
+    callback_nameservers: list[str] = []
+    # Callbacks, from the outbox: backoff between attempts, and when to give up.
     webhook_timeout_s: float = 10.0
+    webhook_backoff_s: float = 5.0
+    webhook_backoff_max_s: float = 3600.0
+    webhook_give_up_after_s: float = 86_400.0
+    webhook_max_response_bytes: int = 65_536
 
     # Cache and idempotency
     idempotency_ttl_s: int = 86_400

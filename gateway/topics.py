@@ -28,10 +28,10 @@ class Topics:
             raise ValueError(f"unknown tier {tier!r}")
         return f"{self.prefix}{tier}"
 
-    @property
-    def retry(self) -> str:
-        """Items waiting for another attempt."""
-        return f"{self.prefix}retry"
+    def retry(self, tier: str) -> str:
+        """Items of a tier waiting for another attempt (read right after the tier's requests,
+        so a priority item's retry never waits behind a bulk backlog)."""
+        return f"{self.requests(tier)}.retry"
 
     @property
     def results(self) -> str:
@@ -45,8 +45,8 @@ class Topics:
 
     @property
     def consumed(self) -> list[str]:
-        """What workers read, highest priority first."""
-        return [*(self.requests(t) for t in TIERS), self.retry]
+        """What workers read, highest priority first: each tier's requests, then its retries."""
+        return [topic for t in TIERS for topic in (self.requests(t), self.retry(t))]
 
     @property
     def all(self) -> list[str]:

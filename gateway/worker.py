@@ -1,14 +1,25 @@
 """`python -m gateway.worker`: job items from Kafka, generated through Triton, at least once.
 
 One consumer group. Each poll takes up to `worker_concurrency` items, highest priority
-topic first (lower topics are paused while a higher one has a backlog), generates them
-concurrently so Triton's batcher gets them together, and commits the offsets only after every
-item's asset is stored and its state written. A redelivered item that already succeeded is
-skipped; one that had started makes the same image again (its seed was fixed at submission),
-so the content-addressed store still holds one asset. Transient failures go to the retry
-topic with backoff and an attempt count; invalid items and exhausted retries go to the
-dead-letter topic and fail their job with a reason. SIGTERM finishes the batch in flight,
-commits and leaves the group.
+first (each tier's requests, then its retries; lower topics wait while a higher one has a
+backlog), generates them concurrently so Triton's batcher gets them together, and commits
+a partition's offset only past items that are done: stored, their state written, their
+results message sent. An item that is not done is read again:
+
+- the image model is away (Triton down or loading): the worker stops taking work (every
+  partition paused, reported not ready) until Triton answers again; the item's attempts
+  do not count the outage, only its deadline (`item_deadline_s`) does;
+- Redis, the broker or the asset store failed: the worker waits (growing backoff) and reads
+  the item again; it does not exit;
+- a retry whose time has not come: its partition waits until then, the rest flow on.
+
+A redelivered item that already finished is skipped (its missing side effects are sent
+again); one that had started makes the same image again (its seed was fixed at
+submission), so the content-addressed store still holds one asset. An item's own failures
+go to its tier's retry topic with exponential backoff and jitter (seconds to minutes);
+invalid items and exhausted retries go to the dead-letter topic and fail their job with a
+reason. Callbacks are sent from the outbox (`gateway.callbacks`), lost messages repaired by
+the sweeper (`gateway.sweeper`). SIGTERM finishes the batch in flight, commits and leaves.
 """
 
 from __future__ import annotations
@@ -19,22 +30,41 @@ import json
 import logging
 import signal
 import time
-from typing import Any
+from enum import Enum
+from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from prometheus_client import start_http_server
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from gateway import metrics
+from gateway.assets import StoreUnavailable
+from gateway.backoff import jittered
+from gateway.callbacks import Outbox
 from gateway.contract import UnknownContract
-from gateway.jobs import JobMessage
+from gateway.jobs import TERMINAL, JobMessage, Written
+from gateway.queue import QueueUnavailable
 from gateway.services import open_services
 from gateway.settings import Settings
+from gateway.sweeper import Sweeper, results_message
 from gateway.topics import Topics, ensure_topics
-from gateway.triton_client import ModelError, ModelRejected
-from gateway.webhooks import deliver
+from gateway.triton_client import ModelError, ModelFailed, ModelRejected
+from gateway.worker_probe import serve_probes
 
 log = logging.getLogger("gateway.worker")
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+# Failures of a dependency, not of the item: the item is read again later.
+DEPENDENCY_ERRORS = (RedisError, QueueUnavailable, StoreUnavailable, KafkaError, OSError)
+
+
+class Outcome(Enum):
+    """What became of one record in a poll."""
+
+    DONE = "done"  # finished with: its offset may be committed
+    DEFERRED = "deferred"  # a retry whose time has not come: read again then
+    MODEL_AWAY = "model_away"  # the image model is unavailable: read again when it is back
+    DEPENDENCY_FAILED = "dependency_failed"  # Redis, the broker or the store: read again soon
 
 
 class Rebalance(ConsumerRebalanceListener):
@@ -57,12 +87,11 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
-        self.services = open_services(settings)
-        self.generator, self.jobs, self.queue = (
-            self.services.generator,
-            self.services.jobs,
-            self.services.queue,
-        )
+        metrics.start_worker_series()
+        self.services = svc = open_services(settings)
+        self.generator, self.jobs, self.queue = svc.generator, svc.jobs, svc.queue
+        self.outbox = Outbox(svc.redis, svc.jobs, svc.keys, svc.callbacks, settings)
+        self.sweeper = Sweeper(svc, self.topics, lambda: self.model_ready)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=settings.consumer_group,
@@ -75,21 +104,38 @@ class Worker:
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
         self.stopping = asyncio.Event()
-        self.callbacks: set[asyncio.Task[None]] = set()
+        self.consuming = False
+        self.model_ready = True  # until a call says otherwise
+        self.dependency_failures = 0  # in a row: the backoff before reading again grows
+        self.deferred: dict[TopicPartition, float] = {}  # partition -> when its retry is due
+
+    # ---- readiness ----------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, str]:
+        """What the worker waits for, if anything ("ok" when it takes work)."""
+        return {
+            "consuming": "ok" if self.consuming else "not yet",
+            "image_model": "ok" if self.model_ready else "unavailable: work paused",
+            "dependencies": "ok" if not self.dependency_failures else "failing: backing off",
+        }
 
     # ---- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Consume until SIGTERM: the contract and topics first, then poll, handle, commit."""
         await self.services.contract.load()
-        contract_watch = asyncio.create_task(
-            self.services.contract.watch(self.settings.contract_refresh_s)
-        )
+        background = [
+            asyncio.create_task(self.services.contract.watch(self.settings.contract_refresh_s)),
+            asyncio.create_task(self.outbox.run()),
+            asyncio.create_task(self.sweeper.run()),
+        ]
         try:
             if await self._topics_ready():
                 await self._consume()
         finally:
-            contract_watch.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await self._shutdown()
 
     async def _topics_ready(self) -> bool:
@@ -106,26 +152,92 @@ class Worker:
     async def _consume(self) -> None:
         await self.consumer.start()
         self.consumer.subscribe(self.topics.consumed, listener=Rebalance())
+        self.consuming = True
         log.info(
             "worker consuming %s as group %s", self.topics.consumed, self.settings.consumer_group
         )
         while not self.stopping.is_set():
-            lags = await self._lags()  # once a poll: for the metric and the priorities
-            for tp, lag in lags.items():
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
-            self._prioritize(lags)
-            batch = await self.consumer.getmany(
-                timeout_ms=500, max_records=self.settings.worker_concurrency
-            )
-            records = sorted(
-                (r for rs in batch.values() for r in rs),
-                key=lambda r: (self.topics.rank(r.topic), r.timestamp),
-            )
-            if records:
-                await asyncio.gather(*(self.handle(r) for r in records))
-                await self.consumer.commit(
-                    {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
-                )
+            try:
+                if self.model_ready:
+                    await self._poll()
+                else:
+                    await self._wait_for_model()
+            except KafkaError as exc:  # a broker blip: wait, then poll again
+                self.dependency_failures += 1
+                log.warning("broker unavailable (%r); polling again", exc)
+                await self._stopped_within(self._backoff())
+
+    async def _wait_for_model(self) -> None:
+        """Take no work (every partition paused; polls keep the group membership) until
+        Triton answers again."""
+        self.consumer.pause(*self.consumer.assignment())
+        await self.consumer.getmany(timeout_ms=1000)
+        try:
+            answering = await self.services.triton.ready()
+        except ModelError:
+            return
+        if answering and not self.services.contract.known:
+            await self.services.contract.load()
+        self.model_ready = answering and self.services.contract.known
+        if self.model_ready:
+            log.info("the image model is back: taking work again")
+            metrics.WORKER_PAUSED.set(0)
+
+    async def _poll(self) -> None:
+        lags = await self._lags()  # once a poll: for the metric and the priorities
+        for tp, lag in lags.items():
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+        self._flow_control(lags)
+        batch = await self.consumer.getmany(
+            timeout_ms=500, max_records=self.settings.worker_concurrency
+        )
+        records = sorted(
+            (r for rs in batch.values() for r in rs),
+            key=lambda r: (self.topics.rank(r.topic), r.timestamp),
+        )
+        if not records:
+            return
+        outcomes = await asyncio.gather(*(self._outcome(r) for r in records))
+        await self._settle(batch, dict(zip(map(id, records), outcomes, strict=True)))
+
+    async def _settle(
+        self, batch: dict[TopicPartition, list[Record]], outcomes: dict[int, tuple[Outcome, float]]
+    ) -> None:
+        """Commit each partition past its done records; read the others again."""
+        offsets = {}
+        failed = False
+        for tp, records in batch.items():
+            done_to = records[-1].offset + 1
+            for record in records:
+                outcome, due = outcomes[id(record)]
+                if outcome is Outcome.DONE:
+                    continue
+                done_to = record.offset
+                self.consumer.seek(tp, record.offset)
+                if outcome is Outcome.DEFERRED:
+                    self.deferred[tp] = due
+                failed |= outcome is Outcome.DEPENDENCY_FAILED
+                break
+            if done_to > records[0].offset:
+                offsets[tp] = done_to
+        await self._commit(offsets)
+        if failed:
+            self.dependency_failures += 1
+            await self._stopped_within(self._backoff())
+        else:
+            self.dependency_failures = 0
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:  # e.g. revoked by a rebalance: redelivered items are skipped
+            metrics.COMMIT_FAILURES.inc()
+            log.warning("commit of %s failed (%r): those items will be read again", offsets, exc)
+
+    def _backoff(self) -> float:
+        return jittered(self.dependency_failures - 1, 1.0, self.settings.retry_backoff_max_s)
 
     async def _stopped_within(self, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -140,99 +252,134 @@ class Worker:
                 lags[tp] = max(0, high - await self.consumer.position(tp))
         return lags
 
-    def _prioritize(self, lags: dict[TopicPartition, int]) -> None:
-        """Pause every topic below the highest-priority one that has a backlog."""
-        assigned = self.consumer.assignment()
-        waiting = [self.topics.rank(tp.topic) for tp, lag in lags.items() if lag > 0]
+    def _flow_control(self, lags: dict[TopicPartition, int]) -> None:
+        """Pause every topic below the highest-priority one with work to do now, and every
+        partition whose next retry is not due yet."""
+        assigned, now = self.consumer.assignment(), time.time()
+        self.deferred = {tp: t for tp, t in self.deferred.items() if t > now and tp in assigned}
+        waiting = [
+            self.topics.rank(tp.topic)
+            for tp, lag in lags.items()
+            if lag > 0 and tp not in self.deferred
+        ]
         best = min(waiting, default=len(self.topics.consumed))
-        lower = {tp for tp in assigned if self.topics.rank(tp.topic) > best}
-        self.consumer.pause(*lower)
-        self.consumer.resume(*(assigned - lower))
+        held = {tp for tp in assigned if self.topics.rank(tp.topic) > best} | set(self.deferred)
+        self.consumer.pause(*held)
+        self.consumer.resume(*(assigned - held))
 
     async def _shutdown(self) -> None:
-        if self.callbacks:
-            await asyncio.wait(self.callbacks, timeout=30)
         await self.consumer.stop()  # leaves the group: partitions move on at once
         await self.services.close()
         log.info("worker stopped")
 
     # ---- one item ---------------------------------------------------------------------------
 
-    async def handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        """One item: skip if done, generate, store, record; retry or fail on errors."""
+    async def _outcome(self, record: Record) -> tuple[Outcome, float]:
+        """handle(record), with the failures that mean "read it again" turned into outcomes."""
+        try:
+            return await self.handle(record)
+        except (ModelError, UnknownContract) as exc:  # Triton away, loading, or never seen
+            if self.model_ready:
+                log.warning("the image model is unavailable (%s): pausing work", exc)
+                metrics.WORKER_PAUSED.set(1)
+            self.model_ready = False
+            return Outcome.MODEL_AWAY, 0.0
+        except DEPENDENCY_ERRORS as exc:
+            log.warning("item at %s[%d]@%d: %r", record.topic, record.partition, record.offset, exc)
+            return Outcome.DEPENDENCY_FAILED, 0.0
+
+    async def handle(self, record: Record) -> tuple[Outcome, float]:
+        """One item: skip if done, generate, store, record; retry or fail the item's own
+        failures. Raises what means "read it again" (see `_outcome`)."""
         try:
             message = JobMessage.model_validate_json(record.value or b"")
         except ValidationError as exc:
             await self.dead_letter(record, "malformed", f"not a job item: {exc.errors()[:3]}")
-            return
+            return Outcome.DONE, 0.0
         state = await self.jobs.item(message.job_id, message.index)
         if state is None:
-            await self.dead_letter(record, "unknown_job", f"no job {message.job_id} (expired?)")
-            return
-        if state["status"] == "succeeded":
+            # A submission that was withdrawn (answered 503 after some of its items were
+            # sent), or a job the sweeper failed and refunded long ago: nothing to do.
+            metrics.JOBS.labels(record.topic, "orphaned").inc()
+            log.info(
+                "no job %s for %s[%d]@%d: skipped",
+                message.job_id,
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+            return Outcome.DONE, 0.0
+        if state["status"] in TERMINAL:
             metrics.JOBS.labels(record.topic, "duplicate").inc()
-            return
-        delay = message.not_before - time.time()
-        if delay > 0:
-            await asyncio.sleep(min(delay, self.settings.retry_backoff_max_s))
+            if not await self.jobs.sent(message.job_id, message.index):
+                await self.send_results(message)
+            return Outcome.DONE, 0.0
+        if message.not_before > time.time():
+            return Outcome.DEFERRED, message.not_before
         if message.attempt == 0:
-            metrics.JOB_QUEUE_WAIT.labels(message.topic).observe(time.time() - message.submitted_at)
-        await self.jobs.set_item(
-            message.job_id, message.index, "running", attempts=message.attempt + 1
-        )
+            metrics.JOB_QUEUE_WAIT.labels(record.topic).observe(time.time() - message.submitted_at)
+        await self.generate(record, message)
+        return Outcome.DONE, 0.0
+
+    async def generate(self, record: Record, message: JobMessage) -> None:
+        """Make, store and record the item's image; its own failures retried or failed."""
+        attempts = message.attempt + 1
+        await self.jobs.set_item(message.job_id, message.index, "running", attempts=attempts)
         metrics.JOBS_IN_FLIGHT.inc()
         try:
-            result = await self.generator.cached(message.spec) or await self.generator.generate(
-                message.spec, source="job"
+            spec = message.spec
+            result = await self.generator.cached(spec) or await self.generator.generate(
+                spec, source="job"
             )
         except ModelRejected as exc:
             await self.fail(record, message, "invalid", exc.message)
             return
-        except ModelError as exc:
-            await self.retry(record, message, f"the image model: {exc.message}")
+        except ModelFailed as exc:  # the model failed on this item: it counts as an attempt
+            await self.retry(record, message, f"the image model failed: {exc.message}")
             return
-        except UnknownContract as exc:
-            await self.retry(record, message, str(exc))
-            return
-        except Exception as exc:  # Redis, the asset store, ...: try again later
-            log.exception("item %s:%s failed", message.job_id, message.index)
-            await self.retry(record, message, f"{type(exc).__name__}: {exc}")
-            return
+        except (ModelError, UnknownContract):  # the model is away: not this item's failure
+            await self.jobs.set_item(
+                message.job_id,
+                message.index,
+                "queued",
+                attempts=message.attempt,
+                error="waiting for the image model to be available",
+            )
+            raise
         finally:
             metrics.JOBS_IN_FLIGHT.dec()
-        await self.jobs.set_item(
-            message.job_id, message.index, "succeeded", attempts=message.attempt + 1, result=result
+        written = await self.jobs.set_item(
+            message.job_id, message.index, "succeeded", attempts=attempts, result=result
         )
-        await self.queue.send(
-            self.topics.results,
-            message.key,
-            json.dumps(
-                {
-                    "job_id": message.job_id,
-                    "index": message.index,
-                    "status": "succeeded",
-                    "result": result.model_dump(mode="json"),
-                }
-            ).encode(),
-        )
-        metrics.JOBS.labels(record.topic, "succeeded").inc()
-        await self.maybe_callback(message.job_id)
+        if written in (Written.WRITTEN, Written.JOB_FINISHED):
+            metrics.JOBS.labels(record.topic, "succeeded").inc()
+            await self.send_results(message)
 
-    async def retry(
-        self, record: ConsumerRecord[bytes, bytes], message: JobMessage, reason: str
-    ) -> None:
-        """Back on the retry topic with backoff, or failed once the attempts are spent."""
+    async def send_results(self, message: JobMessage) -> None:
+        """The finished item on the results topic, then its `sent` mark."""
+        state = await self.jobs.item(message.job_id, message.index)
+        if state is None:
+            return
+        await self.queue.send(
+            self.topics.results, message.key, results_message(message, state).encode()
+        )
+        await self.jobs.mark_sent(message.job_id, message.index)
+
+    async def retry(self, record: Record, message: JobMessage, reason: str) -> None:
+        """Back on the tier's retry topic with backoff, or failed once the attempts are spent."""
         attempt = message.attempt + 1
         if attempt >= self.settings.max_attempts:
             await self.fail(
                 record, message, "exhausted", f"gave up after {attempt} attempts: {reason}"
             )
             return
-        backoff = min(
-            self.settings.retry_backoff_s * 2**message.attempt, self.settings.retry_backoff_max_s
+        backoff = jittered(
+            message.attempt, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s
         )
         again = message.model_copy(update={"attempt": attempt, "not_before": time.time() + backoff})
-        await self.queue.send(self.topics.retry, again.key, again.model_dump_json().encode())
+        await self.queue.send(
+            self.topics.retry(message.tier), again.key, again.model_dump_json().encode()
+        )
         await self.jobs.set_item(
             message.job_id,
             message.index,
@@ -251,20 +398,20 @@ class Worker:
             reason,
         )
 
-    async def fail(
-        self, record: ConsumerRecord[bytes, bytes], message: JobMessage, reason: str, detail: str
-    ) -> None:
-        """Fail the item for good: its state, the dead-letter topic, maybe the callback."""
-        await self.jobs.set_item(
+    async def fail(self, record: Record, message: JobMessage, reason: str, detail: str) -> None:
+        """Fail the item for good: its state, its results message, the dead-letter topic, and
+        the charge given back unless the item itself was invalid."""
+        written = await self.jobs.set_item(
             message.job_id, message.index, "failed", attempts=message.attempt + 1, error=detail
         )
-        await self.dead_letter(record, reason, detail)
-        metrics.JOBS.labels(record.topic, "failed").inc()
-        await self.maybe_callback(message.job_id)
+        if written in (Written.WRITTEN, Written.JOB_FINISHED):
+            if reason != "invalid":
+                await self.services.limiter.refund_item(self.services.keys, message)
+            await self.send_results(message)
+            await self.dead_letter(record, reason, detail)
+            metrics.JOBS.labels(record.topic, "failed").inc()
 
-    async def dead_letter(
-        self, record: ConsumerRecord[bytes, bytes], reason: str, detail: str
-    ) -> None:
+    async def dead_letter(self, record: Record, reason: str, detail: str) -> None:
         """The record, with why, on the dead-letter topic (for an operator to inspect)."""
         envelope: dict[str, Any] = {
             "reason": reason,
@@ -289,42 +436,21 @@ class Worker:
             detail,
         )
 
-    async def maybe_callback(self, job_id: str) -> None:
-        """Once every item is done, one worker sends the signed callback (in the background)."""
-        meta = await self.jobs.meta(job_id)
-        if not meta or not meta.get("callback_url") or not self.settings.webhook_secret:
-            return
-        if not await self.jobs.claim_callback(job_id):
-            return
-        status = await self.jobs.status(job_id)
-        assert status is not None
-        task = asyncio.create_task(self._deliver(meta["callback_url"], status))
-        self.callbacks.add(task)
-        task.add_done_callback(self.callbacks.discard)
-
-    async def _deliver(self, url: str, status: Any) -> None:
-        try:
-            await deliver(
-                url,
-                status,
-                str(self.settings.webhook_secret),
-                attempts=self.settings.webhook_attempts,
-                timeout_s=self.settings.webhook_timeout_s,
-            )
-        except Exception as exc:  # the job itself succeeded or failed already; log only
-            log.error("callback for %s to %s failed: %r", status.id, url, exc)
-
 
 async def main() -> None:
-    """Run one worker until SIGTERM or SIGINT."""
+    """Run one worker, with its probes and metrics, until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
-    start_http_server(settings.worker_metrics_port, addr=settings.host)
     worker = Worker(settings)
+    probes = asyncio.create_task(serve_probes(worker.readiness, settings))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
-    await worker.run()
+    try:
+        await worker.run()
+    finally:
+        probes.cancel()
+        await asyncio.gather(probes, return_exceptions=True)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
     python -m launcher up [--state-dir DIR] [--services triton,redis,...] [--free-ports]
                           [--env FORGE_X=VALUE ...] [--repository DIR] [--no-load] [--json]
     python -m launcher add worker [--state-dir DIR] [--env FORGE_X=VALUE ...] [--json]
+    python -m launcher start SERVICE [--state-dir DIR] [--no-load] [--json]
     python -m launcher status [--state-dir DIR]
     python -m launcher down [--state-dir DIR]
     python -m launcher repository --out DIR
 
 `up` alone is `make up`: every service on the fixed ports of LauncherSettings (FORGE_*_PORT
 overrides them), state in var/. `--free-ports` gives each service a port of its own instead;
-`--json` prints the state file (where everything listens) instead of a summary. `repository`
+`--json` prints the state file (where everything listens) instead of a summary. `start` starts
+one recorded service that died (triton, redis, broker, gateway, worker, worker-N) again on its
+recorded ports, as a supervisor would; Triton loads the model unless `--no-load`. `repository`
 writes a fresh model repository with the committed model and no exported weights.
 """
 
@@ -23,7 +26,16 @@ from pathlib import Path
 
 from launcher.process import ServiceError
 from launcher.settings import LauncherSettings
-from launcher.stack import SERVICES, StackState, add_worker, down, parse_env, parse_services, up
+from launcher.stack import (
+    SERVICES,
+    StackState,
+    add_worker,
+    down,
+    parse_env,
+    parse_services,
+    start_service,
+    up,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("what", choices=["worker"])
     add.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     add.add_argument("--json", action="store_true", help="print the new service as JSON")
+    again = with_state(sub.add_parser("start", help="start a recorded service that died again"))
+    again.add_argument("service", help="its name in the state file: triton, redis, worker-2, ...")
+    again.add_argument("--no-load", action="store_true", help="start Triton without the model")
+    again.add_argument("--json", action="store_true", help="print its new record as JSON")
     with_state(sub.add_parser("status", help="print the state file (JSON)"))
     with_state(sub.add_parser("down", help="stop every service of the stack"))
     copy = sub.add_parser("repository", help="a fresh model repository without exports")
@@ -93,6 +109,11 @@ def _run(args: argparse.Namespace) -> int:
         name, state = add_worker(settings.state_dir, parse_env(args.env))
         record = {"name": name, **state.services[name]}
         print(json.dumps(record, indent=2) if args.json else f"{name}: {record['url']}")
+        return 0
+    if args.command == "start":
+        state = start_service(settings.state_dir, args.service, load_model=not args.no_load)
+        record = {"name": args.service, **state.services[args.service]}
+        print(json.dumps(record, indent=2) if args.json else f"{args.service}: pid {record['pid']}")
         return 0
     if args.command == "status":
         current = StackState.load(settings.state_dir)

@@ -76,8 +76,8 @@ class GatewayServer(PythonService):
 
 @dataclass
 class WorkerServer(PythonService):
-    """A Kafka job worker; `port` is its metrics port, ready when /metrics answers."""
+    """A Kafka job worker; `port` is its probes and metrics port, started when /healthz answers."""
 
     module: str = "gateway.worker"
     port_env: str = "FORGE_WORKER_METRICS_PORT"
-    health_path: str = "/metrics"
+    health_path: str = "/healthz"

@@ -1,4 +1,7 @@
-"""A local redis-server (Debian's package), in memory unless `persistent`.
+"""A local redis-server (Debian's package), in memory unless `persistent`, with a password.
+
+It requires a password, as the chart's Redis does: one is made per server unless given,
+and it is part of `url` (`redis://:<password>@host:port/0`), which is what clients get.
 
 Ports: `redis-server --port 0` means "no TCP listener", so the port is picked free and
 checked to belong to the process started (`start_on_ports`); redis exits when the bind
@@ -7,18 +10,25 @@ fails, and the start is retried on a fresh port.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.process import Managed, Service, ServiceError, start_on_ports
 
 
-def _answers_ping(host: str, port: int) -> bool:
+def _answers_ping(host: str, port: int, password: str) -> bool:
     with socket.create_connection((host, port), timeout=1) as s:
-        s.sendall(b"PING\r\n")
-        return s.recv(16).startswith(b"+PONG")
+        s.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+        reply = b""
+        while reply.count(b"\r\n") < 2:
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            reply += chunk
+        return reply == b"+OK\r\n+PONG\r\n"
 
 
 @dataclass
@@ -28,13 +38,16 @@ class RedisServer(Managed):
     workdir: Path
     port: int = 0
     host: str = "127.0.0.1"
-    persistent: bool = False  # append-only file in workdir: data survives a restart
+    # Append-only file in workdir, written through on every write (appendfsync always): job
+    # state survives a restart, even a SIGKILL, as the chart's state Redis keeps it.
+    persistent: bool = False
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     service: Service | None = None
 
     @property
     def url(self) -> str:
-        """redis://host:port/0."""
-        return f"redis://{self.host}:{self.port}/0"
+        """redis://:password@host:port/0."""
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
 
     def _argv(self, binary: str, port: int) -> list[str]:
         return [
@@ -47,10 +60,14 @@ class RedisServer(Managed):
             "",
             "--appendonly",
             "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(self.workdir),
             "--protected-mode",
             "yes",
+            "--requirepass",
+            self.password,
         ]
 
     def start(self, *, detached: bool = False) -> RedisServer:
@@ -64,7 +81,7 @@ class RedisServer(Managed):
                 "redis", self._argv(binary, ports[0]), self.workdir / "redis.log"
             ),
             [self.port],
-            lambda ports: _answers_ping(self.host, ports[0]),
+            lambda ports: _answers_ping(self.host, ports[0], self.password),
             timeout=20,
             what="PONG",
             detached=detached,

@@ -4,8 +4,9 @@
 (in that order) under one state folder, each in its own subfolder with its log, and writes
 `<state>/run/services.json` (a `StackState`): for each service its pid, creation time, log
 and addresses, plus the dev API key and the FORGE_ settings the gateway and workers got.
-`add_worker` starts one more worker from that file, `down` stops everything it lists.
-Services are detached (their own session), so they outlive the command that started them.
+`add_worker` starts one more worker from that file, `start_service` starts one recorded service
+again (after a crash, as a supervisor would) on its recorded ports, `down` stops everything it
+lists. Services are detached (their own session), so they outlive the command that started them.
 One launcher command at a time per state folder.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from launcher.gateway import GatewayServer, WorkerServer
 from launcher.kafka import KafkaBroker
@@ -27,6 +29,9 @@ from launcher.settings import LauncherSettings
 from launcher.triton import Triton
 
 SERVICES = ("triton", "redis", "broker", "gateway", "worker", "alertmanager", "prometheus")
+# What `start_service` can start again: the serving path (workers as "worker-N" too).
+RESTARTABLE = ("triton", "redis", "broker", "gateway", "worker")
+Restartable = Triton | RedisServer | KafkaBroker | GatewayServer | WorkerServer
 # What the gateway and the workers need, and the setting that can name it instead.
 NEEDS = {
     "gateway": {
@@ -262,12 +267,81 @@ def add_worker(state_dir: Path, env: Mapping[str, str] | None = None) -> tuple[s
     worker = WorkerServer(state_dir / name, {**state.env, **(env or {})}, host=state.host)
     worker.start(detached=True)
     state.services[name] = {**worker.record(), **worker.describe()}
+    if env:  # its own settings, for `start_service`
+        state.services[name]["env"] = dict(env)
     state.save()
     prometheus = state.services.get("prometheus")
     if prometheus is not None:
         address = f"{state.host}:{worker.port}"
         add_scrape_target(Path(prometheus["config"]), prometheus["url"], "worker", address)
     return name, state
+
+
+def _port(address: str) -> int:
+    """The port of "host:port" or "http://host:port"."""
+    port = urlsplit(address if "//" in address else f"//{address}").port
+    if port is None:
+        raise ValueError(f"no port in {address!r}")
+    return port
+
+
+def _server_again(state: StackState, name: str, record: Mapping[str, Any]) -> Restartable:
+    """The server object for a recorded service, on its recorded ports, folder and log."""
+    folder, host = Path(state.state_dir) / name, state.host
+    kind = name.split("-")[0]
+    if kind == "triton":
+        repository = record.get("repository") or LauncherSettings().model_repository
+        return Triton(
+            Path(repository),
+            folder,
+            http_port=_port(record["http"]),
+            grpc_port=_port(record["grpc"]),
+            metrics_port=_port(record["metrics"]),
+            host=host,
+        )
+    if kind == "redis":  # `up` always starts it persistent: its data comes back
+        password = urlsplit(record["url"]).password or ""
+        return RedisServer(folder, _port(record["url"]), host, persistent=True, password=password)
+    if kind == "broker":  # in memory: it comes back empty
+        return KafkaBroker(folder, port=_port(record["bootstrap"]), host=host)
+    server_class = GatewayServer if kind == "gateway" else WorkerServer
+    env = {**state.env, **record.get("env", {})}
+    server = server_class(folder, env, port=_port(record["url"]), host=host)
+    server.log_file = Path(record["log"])  # appended to, as by the first start
+    return server
+
+
+def start_service(state_dir: Path, name: str, *, load_model: bool = True) -> StackState:
+    """Start the recorded service `name` again, after it died, as a supervisor would.
+
+    It gets the ports, folder, log and settings it was first started with (a worker added
+    with `add_worker`: its own name, e.g. worker-2), so its clients find it where they left
+    it; Triton loads the model again unless `load_model` is false. Only the serving path can
+    be started this way (triton, redis, broker, gateway, workers); a service still running is
+    an error. The state file then records the new process.
+    """
+    state = StackState.load(state_dir)
+    if state is None:
+        raise ServiceError(f"nothing is up under {state_dir}")
+    record = state.services.get(name)
+    if record is None:
+        known = ", ".join(state.services)
+        raise ValueError(f"no service {name!r} under {state_dir}; known: {known}")
+    if name.split("-")[0] not in RESTARTABLE:
+        raise ValueError(f"{name} cannot be started again; these can: {', '.join(RESTARTABLE)}")
+    if name in state.alive():
+        raise ServiceError(f"{name} is still running (pid {record['pid']})")
+    server = _server_again(state, name, record)
+    server.start(detached=True)
+    if isinstance(server, Triton) and load_model:
+        try:
+            server.load()
+        except BaseException:
+            server.stop()
+            raise
+    state.services[name] = {**record, **server.record(), **server.describe()}
+    state.save()
+    return state
 
 
 def down(state_dir: Path) -> list[tuple[str, bool]]:

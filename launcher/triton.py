@@ -205,5 +205,10 @@ class Triton(Managed):
             client.unload_model(model)
 
     def describe(self) -> dict[str, Any]:
-        """Where it listens: host:port for http, grpc and metrics."""
-        return {"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url}
+        """Where it listens (host:port for http, grpc and metrics) and what it serves."""
+        return {
+            "http": self.http_url,
+            "grpc": self.grpc_url,
+            "metrics": self.metrics_url,
+            "repository": str(self.repository.resolve()),
+        }

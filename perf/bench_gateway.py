@@ -2,7 +2,10 @@
 
 One run, one machine, the tiny model (25 steps, 128x128), all services on free ports:
   - gateway sync p50 / direct Triton p50 (a kept-open gRPC channel, as the gateway keeps
-    one), measured interleaved (target <= 1.10), and the milliseconds the gateway adds;
+    one), in rounds of alternating calls (perf/rounds.py; target <= 1.10 on the median of
+    the rounds), with its spread and the milliseconds the gateway adds;
+  - the PNG encoding the gateway uses (zlib level 1) against the default level 6, on an
+    image the model made: milliseconds and bytes each;
   - cache-hit p50 (an explicit seed asked for again: no Triton call);
   - async jobs at low load: end-to-end p50 and p95 minus direct Triton p50 (the queueing
     overhead, in ms), polling the job every 10 ms;
@@ -14,6 +17,8 @@ HTTP, Triton over gRPC. Writes perf/results/cpu-tiny-gateway.json.
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import platform
 import random
@@ -21,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from perf import triton_grpc  # noqa: E402
+from perf import rounds, triton_grpc  # noqa: E402
 from perf.launch import add_worker, stack  # noqa: E402
+from perf.rounds import timed  # noqa: E402
 
 REQUEST: dict[str, Any] = {
     "prompt": "a frost-forged legendary axe, game item icon",
@@ -52,8 +57,8 @@ ENV = {
     "FORGE_HEARTBEAT_INTERVAL_MS": "1000",
 }
 RESULTS = ROOT / "perf" / "results"
-RUNS = 30
-WARM_UP = 3
+RUNS = 30  # cache hits, job latencies
+PAIRS = 12  # per round of alternating direct and gateway calls
 
 
 def ms(seconds: float) -> float:
@@ -64,13 +69,6 @@ def ms(seconds: float) -> float:
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (inclusive method)."""
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds one call takes."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def ok(reply: httpx.Response, status: int = 200) -> httpx.Response:
@@ -113,22 +111,38 @@ def throughput(c: httpx.Client, jobs: int, first_seed: int) -> float:
     return jobs / (time.perf_counter() - start)
 
 
-def sync_and_direct(c: httpx.Client, grpc_url: str, rng: random.Random) -> dict[str, list[float]]:
-    """Interleaved direct Triton and gateway sync calls, then cache hits: seconds each."""
-    direct, sync = [], []
+def sync_and_direct(c: httpx.Client, grpc_url: str, rng: random.Random) -> dict[str, Any]:
+    """Rounds of alternating direct Triton and gateway sync calls (a new seed each: no cache
+    hits), then cache hits: seconds each."""
+    seeds = (rng.randrange(2**62) for _ in itertools.count())
     with grpcclient.InferenceServerClient(grpc_url) as client:
-        for i in range(RUNS + WARM_UP):
-            seed = rng.randrange(2**62)
-            d = timed(lambda: triton_grpc.infer(client, [{**REQUEST, "seed": seed}]))  # noqa: B023
-            g = timed(lambda: ok(c.post("/v1/images", json={**REQUEST, "seed": seed + 1})))  # noqa: B023
-            if i >= WARM_UP:
-                direct.append(d)
-                sync.append(g)
+        measured = rounds.alternating(
+            lambda: triton_grpc.infer(client, [{**REQUEST, "seed": next(seeds)}]),
+            lambda: ok(c.post("/v1/images", json={**REQUEST, "seed": next(seeds)})),
+            pairs=PAIRS,
+        )
     hits = [
         timed(lambda: ok(c.post("/v1/images", json={**REQUEST, "seed": 1})))
         for _ in range(RUNS + 1)
     ][1:]  # the first call fills the cache
-    return {"direct": direct, "sync": sync, "hits": hits}
+    return {"overhead": measured, "hits": hits}
+
+
+def png_levels(c: httpx.Client) -> dict[str, dict[str, float]]:
+    """An image the model made, encoded at zlib level 1 (the gateway's) and 6 (the default)."""
+    from PIL import Image
+
+    asset = ok(c.post("/v1/images", json={**REQUEST, "seed": 3})).json()["asset_url"]
+    pixels = Image.open(io.BytesIO(ok(c.get(asset)).content)).convert("RGB")
+    figures = {}
+    for level in (1, 6):
+        times, size = [], 0
+        for _ in range(RUNS):
+            buffer = io.BytesIO()
+            times.append(timed(lambda: pixels.save(buffer, format="PNG", compress_level=level)))  # noqa: B023
+            size = len(buffer.getvalue())
+        figures[f"level_{level}"] = {"ms": ms(statistics.median(times)), "bytes": size}
+    return figures
 
 
 def jobs(c: httpx.Client, state_dir: Path, rng: random.Random) -> dict[str, Any]:
@@ -143,10 +157,12 @@ def jobs(c: httpx.Client, state_dir: Path, rng: random.Random) -> dict[str, Any]
     return {"latencies": latencies, "one_worker": one_worker, "two_workers": two_workers}
 
 
-def report(calls: dict[str, list[float]], queued: dict[str, Any]) -> dict[str, Any]:
+def report(
+    calls: dict[str, Any], png: dict[str, dict[str, float]], queued: dict[str, Any]
+) -> dict[str, Any]:
     """The figures, in milliseconds and ratios."""
-    p50_direct = statistics.median(calls["direct"])
-    p50_sync = statistics.median(calls["sync"])
+    overhead = rounds.summary(calls["overhead"])
+    p50_direct = overhead["baseline_p50_ms_median"] / 1000
     latencies = queued["latencies"]
     return {
         "benchmark": "make bench (perf/bench_gateway.py)",
@@ -154,10 +170,9 @@ def report(calls: dict[str, list[float]], queued: dict[str, Any]) -> dict[str, A
         "machine": f"{platform.node()}, {platform.machine()}, CPU only",
         "request": REQUEST,
         "direct_triton_p50_ms": ms(p50_direct),
-        "gateway_sync_p50_ms": ms(p50_sync),
-        "gateway_over_direct_p50": round(p50_sync / p50_direct, 3),
-        "gateway_added_ms": ms(p50_sync - p50_direct),
+        "gateway_over_direct_p50": overhead,
         "cache_hit_p50_ms": ms(statistics.median(calls["hits"])),
+        "png_encoding": png,
         "async_p50_ms": ms(statistics.median(latencies)),
         "async_p95_ms": ms(percentile(latencies, 95)),
         "async_queueing_overhead_p50_ms": ms(statistics.median(latencies) - p50_direct),
@@ -178,11 +193,14 @@ def main() -> int:
         auth = {"Authorization": f"Bearer {state['dev_api_key']}"}
         with httpx.Client(base_url=services["gateway"]["url"], timeout=120, headers=auth) as c:
             calls = sync_and_direct(c, services["triton"]["grpc"], rng)
+            png = png_levels(c)
             queued = jobs(c, Path(work), rng)
-    figures = report(calls, queued)
+    figures = report(calls, png, queued)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cpu-tiny-gateway.json").write_text(json.dumps(figures, indent=2) + "\n")
     for key, value in figures.items():
+        if key == "gateway_over_direct_p50":
+            value = {k: v for k, v in value.items() if k != "rounds"}
         if key not in ("request", "benchmark"):
             print(f"{key:40s} {value}")
     return 0

@@ -11,11 +11,13 @@ They were NOT re-checked on 2026-11-26 (this machine has no route to AWS); spot 
 hourly by availability zone, so SPOT_G4DN_XLARGE is a typical figure, not a quote. Check them
 before quoting a customer.
 
-The seed promises "$435/month (optimized)" without a breakdown. `seed_breakdown()` rebuilds
-it line by line: list prices times the seed's counts, a few assumed quantities (EBS size, ALB
-load, monitoring extras), and the GPU node's line as whatever balances to $435. That GPU
-line implies $0.274/hour, below the 1-year reserved price and above typical spot: the
-seed's figure assumes a discounted GPU. On demand, the same stack costs $618.72/month.
+The seed promises "$435/month (optimized)" without a breakdown. `stack(pricing)` prices the
+seed's stack from list prices alone (the seed's counts, a few assumed quantities: EBS size,
+ALB load, monitoring extras) for each way of paying for the GPU node; `seed_gpu_price()` says
+what GPU price the seed's total would imply, and `seed_pricing()` between which published
+prices that falls. Nothing is made to balance: on demand the stack costs $618.72/month, and
+$435 lies between the spot and the 1-year reserved totals, so the seed's figure assumes a
+discounted GPU.
 """
 
 from __future__ import annotations
@@ -85,16 +87,6 @@ def total(lines: list[Line]) -> float:
     return sum(line.dollars for line in lines)
 
 
-def seed_breakdown() -> list[Line]:
-    """The seed's $435/month, line by line; the GPU line balances it (see the docstring)."""
-    lines = fixed_lines()
-    gpu_hourly = (SEED_MONTHLY_TOTAL - total(lines)) / HOURS_PER_MONTH
-    return [
-        *lines,
-        Line("GPU node, 1x g4dn.xlarge (T4)", 1, gpu_hourly, "implied by the seed's total"),
-    ]
-
-
 GPU_PRICES = {
     "on-demand": G4DN_XLARGE_ON_DEMAND,
     "1-year reserved": G4DN_XLARGE_RESERVED_1Y,
@@ -108,6 +100,21 @@ def stack(pricing: str) -> list[Line]:
         *fixed_lines(),
         Line(f"GPU node, 1x g4dn.xlarge ({pricing})", 1, GPU_PRICES[pricing], "list price"),
     ]
+
+
+def seed_gpu_price() -> float:
+    """The GPU node's hourly price that the seed's total would imply, the rest at list price."""
+    return (SEED_MONTHLY_TOTAL - total(fixed_lines())) / HOURS_PER_MONTH
+
+
+def seed_pricing() -> tuple[str, str]:
+    """The two GPU pricings whose stack totals bracket the seed's figure (cheaper, dearer)."""
+    by_total = sorted(GPU_PRICES, key=lambda p: total(stack(p)))
+    below = [p for p in by_total if total(stack(p)) <= SEED_MONTHLY_TOTAL]
+    above = [p for p in by_total if total(stack(p)) > SEED_MONTHLY_TOTAL]
+    if not below or not above:
+        raise ValueError(f"no published pricing brackets ${SEED_MONTHLY_TOTAL:.2f}")
+    return below[-1], above[0]
 
 
 def images_per_month(images_per_hour: float, utilization: float) -> float:
@@ -152,15 +159,20 @@ def throughputs(measured_t4: float | None = None) -> list[Throughput]:
 
 def render(utilization: float, measured_t4: float | None = None) -> str:
     """The Markdown tables perf/RESULTS.md shows."""
-    out = ["### The seed's $435/month, line by line", ""]
+    out = ["### The seed's stack at list prices", ""]
     out += ["| line | $/month | basis |", "|---|---:|---|"]
-    for line in seed_breakdown():
+    for line in fixed_lines():
         out.append(f"| {line.item} | {line.dollars:.2f} | {line.basis} |")
-    out.append(f"| **total** | **{total(seed_breakdown()):.2f}** | the seed's figure |")
-    out += ["", "### Monthly cost by GPU pricing", ""]
+    out.append(f"| **all but the GPU node** | **{total(fixed_lines()):.2f}** | |")
+    out += ["", "### Monthly cost by GPU pricing, and the seed's figure", ""]
     out += ["| GPU pricing | GPU $/hour | stack $/month |", "|---|---:|---:|"]
     for pricing, hourly in GPU_PRICES.items():
         out.append(f"| {pricing} | {hourly:.3f} | {total(stack(pricing)):.2f} |")
+    cheaper, dearer = seed_pricing()
+    out.append(
+        f"| the seed's figure (implies {seed_gpu_price():.3f} $/hour: between {cheaper} and "
+        f"{dearer}) | {seed_gpu_price():.3f} | {SEED_MONTHLY_TOTAL:.2f} |"
+    )
     out += ["", f"### Dollars per 1,000 images at {utilization:.0%} utilization", ""]
     header = "| throughput source | images/hour | kind | " + " | ".join(GPU_PRICES) + " |"
     out += [header, "|---|---:|---|" + "---:|" * len(GPU_PRICES)]

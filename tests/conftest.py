@@ -6,6 +6,7 @@ import base64
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,59 @@ def narrow_gateway(
         server.stop()
 
 
+def serve_one_size(weights: Path, size: int) -> None:
+    """Make the exported UNet serve size x size images only, as a static-shape export does:
+    its output gets a zero tensor of that size's latents added, which ONNX Runtime cannot
+    broadcast to other latents (and which leaves the served size's bytes as they were)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = weights / "unet.onnx"
+    model = onnx.load(path, load_external_data=False)  # the weights file stays as it is
+    graph = model.graph
+    output = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{output}_any_size" if o == output else o for o in node.output]
+    zeros = np.zeros((1, 4, size // 8, size // 8), dtype=np.float32)
+    graph.initializer.append(numpy_helper.from_array(zeros, "zeros"))
+    name = f"only_{size}x{size}"
+    graph.node.append(helper.make_node("Add", [f"{output}_any_size", "zeros"], [output], name=name))
+    onnx.save(model, path)
+
+
+@contextmanager
+def one_size_server(
+    repository: Path, factory: pytest.TempPathFactory, name: str, *config_args: str
+) -> Iterator[Triton]:
+    """The tiny model in its own Triton, its UNet serving 128x128 only (`serve_one_size`);
+    with `config_args`, its config rewritten by `export config` with them."""
+    import shutil
+
+    from export.__main__ import main as export_main
+
+    copy = factory.mktemp(name) / "model_repository"
+    shutil.copytree(repository, copy, symlinks=True)
+    weights = (copy / "stable_diffusion" / "1" / "weights").resolve()
+    assert copy in weights.parents  # the shared repository stays untouched
+    serve_one_size(weights, 128)
+    if config_args:
+        assert export_main(["config", "--repository", str(copy), *config_args]) == 0
+    server = Triton(copy, factory.mktemp(f"{name}-triton")).start()
+    try:
+        server.load()  # the warm-up runs at the default size, 128x128
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def failing_triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    """The tiny model in its own Triton, its UNet serving 128x128 only: any other size fails
+    inside the model (INTERNAL), as a model that breaks on some inputs does."""
+    with one_size_server(repository, tmp_path_factory, "failing") as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def diffusers_pipe(tiny_model: Path):  # type: ignore[no-untyped-def]
     """The tiny model in diffusers' own StableDiffusionPipeline: the reference for parity."""
@@ -209,7 +263,7 @@ def gateway_env(triton: Triton, redis: RedisServer, assets: Path, **extra: str) 
         "FORGE_DEV_API_KEY": DEV_KEY,
         "FORGE_TRITON_TIMEOUT_S": "60",
         "FORGE_RETRY_AFTER_S": "3",
-        "FORGE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "FORGE_DEV_WEBHOOK_SECRET": WEBHOOK_SECRET,
         # Fast group membership for tests; production keeps the defaults.
         "FORGE_SESSION_TIMEOUT_MS": "6000",
         "FORGE_HEARTBEAT_INTERVAL_MS": "1000",

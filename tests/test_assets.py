@@ -34,6 +34,26 @@ def test_directory_store_is_content_addressed_and_leaves_no_partial_files(tmp_pa
     assert asyncio.run(store.get("0" * 64 + ".png")) is None
 
 
+def test_a_file_damaged_before_it_was_durable_is_missing_then_written_again(
+    tmp_path: Path,
+) -> None:
+    """A crash between the rename and the background fsync can leave a truncated file."""
+
+    async def scenario() -> None:
+        store = DirectoryStore(tmp_path)
+        key = await store.put(PNG, "png")
+        await store.close()  # the flusher has fsynced the file and its folder
+        store.path(key).write_bytes(PNG[:10])  # what the crash left behind
+        assert await store.exists(key) is False
+        assert await store.get(key) is None
+        assert not store.path(key).exists()  # removed, not served
+        assert await store.put(PNG, "png") == key
+        assert await store.get(key) == PNG
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.fixture
 def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer

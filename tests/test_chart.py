@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -37,7 +38,8 @@ SCENARIOS = {
     "external": ["production.yaml", "external.yaml"],
 }
 JOB_TOPICS = {"forge.jobs.priority", "forge.jobs.standard", "forge.jobs.bulk"}
-ALL_TOPICS = JOB_TOPICS | {"forge.jobs.retry", "forge.jobs.results", "forge.jobs.dead-letter"}
+RETRY_TOPICS = {"forge.jobs.priority.retry", "forge.jobs.standard.retry", "forge.jobs.bulk.retry"}
+ALL_TOPICS = JOB_TOPICS | RETRY_TOPICS | {"forge.jobs.results", "forge.jobs.dead-letter"}
 WORKLOADS = ("Deployment", "StatefulSet")
 
 
@@ -109,6 +111,15 @@ def env_of(container: dict) -> dict[str, Any]:
 
 def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def settings_from(env: dict[str, Any]) -> Any:
+    """gateway.settings.Settings read from a container's FORGE_* values (as the pod would)."""
+    from gateway.settings import Settings
+
+    values = {k: v for k, v in env.items() if k.startswith("FORGE_") and isinstance(v, str)}
+    with mock.patch.dict(os.environ, values):
+        return Settings(_env_file=None)  # type: ignore[call-arg]
 
 
 # --- Triton ---------------------------------------------------------------------------------
@@ -353,8 +364,12 @@ def test_gateway_and_workers_follow_the_contract(docs: list[dict]) -> None:
     assert gateway["command"] == ["python", "-m", "gateway"]
     assert worker["command"] == ["python", "-m", "gateway.worker"]
     assert gateway["image"] == worker["image"]
-    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Liveness: the process (gateway) or its event loop (worker) answers. Readiness: the
+    # gateway can accept work (Redis, broker); the worker takes work (gateway/worker_probe.py).
+    for container, port in ((gateway, "http"), (worker, "metrics")):
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
+    assert gateway["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {"http": 8080}
     assert {p["name"]: p["containerPort"] for p in worker["ports"]} == {"metrics": 9300}
     for container in (gateway, worker):
@@ -378,9 +393,16 @@ def test_app_env_follows_the_charts_values(docs: list[dict]) -> None:
     worker_pod = one(docs, "Deployment", "forge-worker")["spec"]["template"]["spec"]
     worker = worker_pod["containers"][0]
     gateway = one(docs, "Deployment", "forge-gateway")["spec"]["template"]["spec"]["containers"][0]
-    assert env_of(gateway) == env_of(worker)
+    # The same settings, but whose forwarded headers to believe: only the gateway serves HTTP
+    # behind the ALB.
+    gateway_env = env_of(gateway)
+    assert gateway_env.pop("FORGE_FORWARDED_ALLOW_IPS")
+    assert gateway_env == env_of(worker)
     env = env_of(worker)
-    assert set(env) <= settings, set(env) - settings
+    forge = {name for name in env if name.startswith("FORGE_")}
+    assert forge <= settings, forge - settings
+    # Besides the settings, only the Redis password that Kubernetes puts into the URLs.
+    assert set(env) - forge <= {"REDIS_PASSWORD"}, set(env) - forge
     assert len(env) == len(worker["env"]), "a variable is set twice"
     assert env["FORGE_WORKER_METRICS_PORT"] == str(worker["ports"][0]["containerPort"]) == "9300"
     assert env["FORGE_CONSUMER_GROUP"] == "forge-workers"
@@ -399,37 +421,106 @@ def test_app_env_follows_the_charts_values(docs: list[dict]) -> None:
     for trigger in scaled[0]["spec"]["triggers"] if scaled else []:
         assert trigger["metadata"]["consumerGroup"] == env["FORGE_CONSUMER_GROUP"]
         assert trigger["metadata"]["topic"].startswith(prefix)
-    # The webhook signing secret comes from a Secret, generated when none is given.
-    ref = env["FORGE_WEBHOOK_SECRET"]["secretKeyRef"]
-    assert ref == {"name": "forge-webhook", "key": "webhook-secret"}
-    secret = one(docs, "Secret", "forge-webhook")
-    value = base64.b64decode(secret["data"]["webhook-secret"]).decode()
-    assert value.startswith("whsec_") and len(base64.b64decode(value[6:])) == 32
-    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # Every value the chart sets parses as its setting.
+    parsed = settings_from(env_of(gateway))
+    assert parsed.callbacks is True and parsed.callback_ports == [80, 443]
+    assert parsed.callback_allow_networks == []
 
 
-def test_replication_two_on_the_two_broker_strimzi_cluster(rendered: dict) -> None:
-    for scenario, replication in (("production", "2"), ("minimal", "1"), ("external", "2")):
+def test_topic_replication_follows_the_brokers(rendered: dict) -> None:
+    for scenario, replication in (("production", "3"), ("minimal", "1"), ("external", "2")):
         spec = one(rendered[scenario], "Deployment", "forge-worker")["spec"]["template"]["spec"]
         assert env_of(spec["containers"][0])["FORGE_TOPIC_REPLICATION"] == replication, scenario
 
 
-def test_webhook_secret_from_an_existing_secret() -> None:
-    docs = render(
-        "production.yaml",
-        sets=("forge.webhooks.existingSecret=forge-callbacks", "forge.webhooks.secretKey=whsec"),
-    )
-    assert not find(docs, "Secret", "forge-webhook")
+def test_no_deployment_wide_webhook_secret(docs: list[dict]) -> None:
+    """Each API key signs its callbacks with its own webhook secret: the chart renders no
+    shared one, takes none as a value, and refuses one through extraEnv."""
+    for d in docs:
+        assert "webhook" not in d["metadata"]["name"], d["metadata"]["name"]
     for name in ("forge-gateway", "forge-worker"):
         container = one(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
-        assert env_of(container)["FORGE_WEBHOOK_SECRET"] == {
-            "secretKeyRef": {"name": "forge-callbacks", "key": "whsec"}
-        }
+        assert not [n for n in env_of(container) if "WEBHOOK_SECRET" in n], name
+        skips = one(docs, "Deployment", name)["metadata"].get("annotations", {}).values()
+        assert not [v for v in skips if "WEBHOOK" in v], name
+
+
+def test_webhook_secret_values_and_env_are_refused() -> None:
+    result = helm_template("production.yaml", sets=("forge.webhooks.existingSecret=x",))
+    assert result.returncode != 0 and "webhooks" in result.stderr
+    result = helm_template("production.yaml", sets=("forge.extraEnv.FORGE_WEBHOOK_SECRET=whsec_x",))
+    assert result.returncode != 0 and "each API key signs its callbacks" in result.stderr
+    # The deploy guide says how per-key secrets work: made with the key, shown once, rotated
+    # with an overlap, optional in the keys file.
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    for text in (
+        "webhook_secret",
+        "/v1/admin/keys/{id}/webhook-secret",
+        "FORGE_WEBHOOK_SECRET_OVERLAP_S",
+        "shown once",
+    ):
+        assert text in deploy, text
+    assert "FORGE_WEBHOOK_SECRET`" not in deploy and "forge.webhooks" not in deploy
+
+
+def test_callback_settings_follow_the_values() -> None:
+    """forge.callbacks sets FORGE_CALLBACKS, FORGE_CALLBACK_PORTS and
+    FORGE_CALLBACK_ALLOW_NETWORKS, and the workers' egress follows the same values."""
+    docs = render(
+        "production.yaml",
+        sets=(
+            "forge.callbacks.ports={443,8443}",
+            "forge.callbacks.allowNetworks={10.20.0.0/16}",
+        ),
+    )
+    worker = one(docs, "Deployment", "forge-worker")["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(worker)
+    assert (env["FORGE_CALLBACKS"], env["FORGE_CALLBACK_PORTS"]) == ("true", "[443,8443]")
+    assert env["FORGE_CALLBACK_ALLOW_NETWORKS"] == '["10.20.0.0/16"]'
+    parsed = settings_from(env)
+    assert parsed.callbacks is True and parsed.callback_ports == [443, 8443]
+    assert parsed.callback_allow_networks == ["10.20.0.0/16"]
+    egress = policy_egress(docs, "forge-worker")
+    assert internet_ports(egress) == {443, 8443}
+    allowed = [r for r in egress if cidrs(r) == {"10.20.0.0/16"}]
+    assert len(allowed) == 1 and rule_ports(allowed[0]) == {443, 8443}
+    # Off: no callback_url, no callback ports (443 stays for S3).
+    docs = render("production.yaml", sets=("forge.callbacks.enabled=false",))
+    worker = one(docs, "Deployment", "forge-worker")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(worker)["FORGE_CALLBACKS"] == "false"
+    assert internet_ports(policy_egress(docs, "forge-worker")) == {443}
+
+
+def test_chart_topics_are_the_applications_topics() -> None:
+    """kafka.topics names exactly the topics gateway/topics.py uses: each tier's requests and
+    retries, results and dead letters."""
+    from gateway.topics import Topics
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    names = {t["name"] for t in values["kafka"]["topics"]}
+    assert names == set(Topics(values["kafka"]["topicPrefix"]).all) == ALL_TOPICS
+    assert set(values["workers"]["autoscaling"]["lagThreshold"]) == JOB_TOPICS
+
+
+def test_chart_refuses_topics_without_a_tiers_retry_topic() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    topics = [t for t in values["kafka"]["topics"] if t["name"] != "forge.jobs.bulk.retry"]
+    sets = tuple(
+        f"kafka.topics[{i}].{key}={value}"
+        for i, topic in enumerate(topics)
+        for key, value in topic.items()
+    )
+    result = helm_template("production.yaml", sets=sets)
+    assert result.returncode != 0 and "forge.jobs.bulk.retry" in result.stderr
 
 
 def test_chart_managed_settings_cannot_drift() -> None:
     result = helm_template("production.yaml", sets=("forge.extraEnv.FORGE_CONSUMER_GROUP=other",))
     assert result.returncode != 0 and "FORGE_CONSUMER_GROUP" in result.stderr
+    result = helm_template(
+        "production.yaml", sets=("forge.extraEnv.FORGE_CACHE_REDIS_URL=redis://elsewhere",)
+    )
+    assert result.returncode != 0 and "FORGE_CACHE_REDIS_URL" in result.stderr
     # A topic prefix that kafka.topics and the KEDA triggers do not use is refused.
     result = helm_template("production.yaml", sets=("kafka.topicPrefix=studio.jobs.",))
     assert result.returncode != 0 and "studio.jobs.priority" in result.stderr
@@ -483,9 +574,73 @@ def test_ingress_is_an_internet_facing_alb_with_tls(rendered: dict) -> None:
         {"HTTP": 80},
         {"HTTPS": 443},
     ]
+    # The ALB keeps a gateway while it can accept work (Redis and the broker answer).
+    assert annotations["alb.ingress.kubernetes.io/healthcheck-path"] == "/readyz"
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend["name"] == "forge-gateway"
     assert not find(rendered["minimal"], "Ingress")
+
+
+def ingress_path_matches(rule: dict, path: str) -> bool:
+    """Whether an Ingress path rule takes a request path, as Kubernetes defines it: Exact is
+    equality, Prefix matches element by element along the `/`-split path."""
+    if rule["pathType"] == "Exact":
+        return path == rule["path"]
+    assert rule["pathType"] == "Prefix", rule  # ImplementationSpecific could match anything
+    prefix = [p for p in rule["path"].split("/") if p]
+    return [p for p in path.split("/") if p][: len(prefix)] == prefix
+
+
+PUBLIC_PATHS = (
+    "/",
+    "/static/app.js",
+    "/v1/images",
+    "/v1/jobs/abc",
+    "/v1/admin/keys",
+    "/assets/0123abcd.png",
+    "/docs",
+    "/openapi.json",
+)
+PRIVATE_PATHS = ("/metrics", "/metrics/", "/healthz", "/readyz", "/readyz/x", "/metricsx")
+
+
+def test_ingress_routes_only_public_paths(rendered: dict) -> None:
+    """No rule of the gateway's Ingress reaches /metrics (nor /healthz, /readyz), and none
+    sends what it does not list to the gateway; every public path is routed."""
+    for scenario in ("production", "external"):
+        ingress = one(rendered[scenario], "Ingress", "forge-gateway")
+        assert "defaultBackend" not in ingress["spec"]
+        rules = [r for host in ingress["spec"]["rules"] for r in host["http"]["paths"]]
+        assert rules
+        for path in PRIVATE_PATHS:
+            assert not [r for r in rules if ingress_path_matches(r, path)], (scenario, path)
+        for path in PUBLIC_PATHS:
+            assert [r for r in rules if ingress_path_matches(r, path)], (scenario, path)
+        # The ALB's target health check goes to the pods directly, on /readyz.
+        annotations = ingress["metadata"]["annotations"]
+        assert annotations["alb.ingress.kubernetes.io/healthcheck-path"] == "/readyz"
+    # Per host, too.
+    docs = render("production.yaml", sets=("gateway.ingress.hosts={a.example.com,b.example.com}",))
+    ingress = one(docs, "Ingress", "forge-gateway")
+    assert [h["host"] for h in ingress["spec"]["rules"]] == ["a.example.com", "b.example.com"]
+    for host in ingress["spec"]["rules"]:
+        assert not [r for r in host["http"]["paths"] if ingress_path_matches(r, "/metrics")]
+
+
+def test_forwarded_headers_trusted_only_from_the_vpc(rendered: dict) -> None:
+    """The gateway believes X-Forwarded-For/-Proto only from the VPC the ALB lives in (the
+    CIDR of helm/eks/cluster.yaml), never from anyone."""
+    vpc = yaml.safe_load(CLUSTER.read_text())["vpc"]["cidr"]
+    for scenario, docs in rendered.items():
+        gateway = one(docs, "Deployment", "forge-gateway")["spec"]["template"]["spec"]
+        allowed = env_of(gateway["containers"][0])["FORGE_FORWARDED_ALLOW_IPS"]
+        assert allowed == vpc == "192.168.0.0/16", scenario
+        assert settings_from(env_of(gateway["containers"][0])).forwarded_allow_ips == vpc
+    docs = render("production.yaml", sets=("gateway.forwardedAllowIps=10.0.0.0/24\\,10.0.1.0/24",))
+    gateway = one(docs, "Deployment", "forge-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(gateway)["FORGE_FORWARDED_ALLOW_IPS"] == "10.0.0.0/24,10.0.1.0/24"
+    result = helm_template("production.yaml", sets=("forge.extraEnv.FORGE_FORWARDED_ALLOW_IPS=*",))
+    assert result.returncode != 0 and "FORGE_FORWARDED_ALLOW_IPS" in result.stderr
 
 
 def test_gateway_hpa_on_cpu(rendered: dict) -> None:
@@ -531,19 +686,19 @@ def test_triton_scales_on_queue_time(rendered: dict) -> None:
 # --- Kafka, Redis, storage ------------------------------------------------------------------
 
 
-def test_strimzi_kafka_two_brokers_kraft_and_topics(rendered: dict) -> None:
+def test_strimzi_kafka_three_brokers_kraft_and_topics(rendered: dict) -> None:
     docs = rendered["production"]
     kafka = one(docs, "Kafka", "forge")
     assert kafka["metadata"]["annotations"]["strimzi.io/kraft"] == "enabled"
     pools = {p["metadata"]["name"]: p for p in find(docs, "KafkaNodePool")}
-    assert pools["brokers"]["spec"]["replicas"] == 2
+    assert pools["brokers"]["spec"]["replicas"] == 3
     assert pools["brokers"]["spec"]["roles"] == ["broker"]
     assert pools["controllers"]["spec"]["roles"] == ["controller"]
     for pool in pools.values():
         assert pool["metadata"]["labels"]["strimzi.io/cluster"] == "forge"
     topics = find(docs, "KafkaTopic")
     assert {t["spec"]["topicName"] for t in topics} == ALL_TOPICS
-    assert {t["spec"]["replicas"] for t in topics} == {2}
+    assert {t["spec"]["replicas"] for t in topics} == {3}
     assert all(t["metadata"]["labels"]["strimzi.io/cluster"] == "forge" for t in topics)
     # Only the gateway, the workers and KEDA may connect (Strimzi writes the NetworkPolicy).
     peers = kafka["spec"]["kafka"]["listeners"][0]["networkPolicyPeers"]
@@ -555,6 +710,43 @@ def test_strimzi_kafka_two_brokers_kraft_and_topics(rendered: dict) -> None:
     assert components == {"gateway", "worker"}
 
 
+def kafka_durability(docs: list[dict]) -> tuple[int, int, int]:
+    """(brokers, replication of the topics, min.insync.replicas) of the Strimzi cluster."""
+    config = one(docs, "Kafka", "forge")["spec"]["kafka"]["config"]
+    brokers = one(docs, "KafkaNodePool", "brokers")["spec"]["replicas"]
+    replicas = {t["spec"]["replicas"] for t in find(docs, "KafkaTopic")}
+    assert replicas == {config["default.replication.factor"]}
+    assert config["offsets.topic.replication.factor"] == config["default.replication.factor"]
+    assert config["transaction.state.log.min.isr"] == config["min.insync.replicas"]
+    assert config["unclean.leader.election.enable"] is False
+    return brokers, config["default.replication.factor"], config["min.insync.replicas"]
+
+
+def test_kafka_survives_a_broker_without_losing_acknowledged_writes(rendered: dict) -> None:
+    """Production: 3 brokers, replication 3, min.insync.replicas 2 (acks=all with the
+    idempotent producer): one broker down neither stops writes nor loses an acknowledged one.
+    Two brokers get min.insync.replicas 1, whose cost the docs state; one broker gets 1."""
+    assert kafka_durability(rendered["production"]) == (3, 3, 2)
+    worker = one(rendered["production"], "Deployment", "forge-worker")
+    env = env_of(worker["spec"]["template"]["spec"]["containers"][0])
+    assert env["FORGE_KAFKA_IDEMPOTENCE"] == "true"  # acks=all
+    assert kafka_durability(rendered["minimal"]) == (1, 1, 1)
+    assert kafka_durability(render("production.yaml", sets=("kafka.strimzi.brokers=2",))) == (
+        2,
+        2,
+        1,
+    )
+    assert kafka_durability(render("production.yaml", sets=("kafka.strimzi.brokers=5",))) == (
+        5,
+        3,
+        2,
+    )
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    values = (CHART / "values.yaml").read_text()
+    for text in (operations, values):
+        assert "min.insync.replicas 2" in text and "min.insync.replicas 1" in text
+
+
 def test_external_kafka_and_redis(rendered: dict) -> None:
     docs = rendered["external"]
     for kind in ("Kafka", "KafkaNodePool", "KafkaTopic", "StatefulSet"):
@@ -562,8 +754,153 @@ def test_external_kafka_and_redis(rendered: dict) -> None:
     gateway = one(docs, "Deployment", "forge-gateway")["spec"]["template"]["spec"]
     env = env_of(gateway["containers"][0])
     assert env["FORGE_KAFKA_BOOTSTRAP"].startswith("b-1.forge.")
+    # Two ElastiCache clusters: the state (noeviction) and the cache (allkeys-lru).
     assert env["FORGE_REDIS_URL"] == {"secretKeyRef": {"name": "forge-redis-url", "key": "url"}}
+    assert env["FORGE_CACHE_REDIS_URL"] == {
+        "secretKeyRef": {"name": "forge-cache-redis-url", "key": "url"}
+    }
+    assert not find(docs, "Deployment", "forge-redis-cache")
     assert not find(docs, "NetworkPolicy", "forge-redis")
+    assert not find(docs, "NetworkPolicy", "forge-redis-cache")
+    # The external modes need the policies set on the clusters: the values and docs say so.
+    values = (CHART / "values.yaml").read_text()
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    for text in (values, deploy):
+        assert "maxmemory-policy noeviction" in text and "allkeys-lru" in text
+
+
+def test_external_state_redis_with_the_cache_in_the_cluster() -> None:
+    docs = render("production.yaml", "external.yaml", sets=("redis.cache.mode=incluster",))
+    env = env_of(
+        one(docs, "Deployment", "forge-worker")["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert env["FORGE_CACHE_REDIS_URL"] == CACHE_URL
+    assert env["REDIS_PASSWORD"] == PASSWORD_FROM
+    one(docs, "Deployment", "forge-redis-cache")
+    one(docs, "Secret", "forge-redis-auth")
+    result = helm_template("production.yaml", sets=("redis.cache.mode=external",))
+    assert result.returncode != 0 and "redis.cache.external.url" in result.stderr
+
+
+# The in-cluster Redis URLs: Kubernetes puts the password from the Secret in $(REDIS_PASSWORD).
+STATE_URL = "redis://:$(REDIS_PASSWORD)@forge-redis-master.forge.svc:6379/0"
+CACHE_URL = "redis://:$(REDIS_PASSWORD)@forge-redis-cache.forge.svc:6379/0"
+PASSWORD_FROM = {"secretKeyRef": {"name": "forge-redis-auth", "key": "password"}}
+
+
+@pytest.mark.parametrize("scenario", ["minimal", "production"])
+def test_redis_requires_a_password_from_a_secret(rendered: dict, scenario: str) -> None:
+    """Both in-cluster Redis run with --requirepass (the replicas with --masterauth too) from
+    the chart's Secret; the probes pass it in REDISCLI_AUTH; the gateway and the workers get
+    it inside their URLs by env interpolation. No manifest but the Secret holds it."""
+    docs = rendered[scenario]
+    secret = one(docs, "Secret", "forge-redis-auth")
+    password = base64.b64decode(secret["data"]["password"]).decode()
+    assert len(password) >= 32 and password.isalnum()  # fits a redis:// URL as it is
+    for kind, name in (("StatefulSet", "forge-redis"), ("Deployment", "forge-redis-cache")):
+        container = one(docs, kind, name)["spec"]["template"]["spec"]["containers"][0]
+        env = env_of(container)
+        assert env["REDIS_PASSWORD"] == PASSWORD_FROM, name
+        assert env["REDISCLI_AUTH"] == PASSWORD_FROM, name
+        options = redis_args(container)
+        # $VAR in the state Redis's shell script, $(VAR) filled in by Kubernetes in the cache's.
+        assert options["requirepass"] in ('"$REDIS_PASSWORD"', "$(REDIS_PASSWORD)"), name
+        if kind == "StatefulSet":
+            assert options["masterauth"] == '"$REDIS_PASSWORD"'
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if probe in container:
+                assert container[probe]["exec"]["command"] == ["redis-cli", "ping"], name
+    for name in ("forge-gateway", "forge-worker"):
+        container = one(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        names = [e["name"] for e in container["env"]]
+        # Defined before the URLs that use it, or Kubernetes leaves $(REDIS_PASSWORD) as is.
+        assert names.index("REDIS_PASSWORD") < names.index("FORGE_REDIS_URL")
+        assert env_of(container)["REDIS_PASSWORD"] == PASSWORD_FROM
+        assert env_of(container)["FORGE_REDIS_URL"] == STATE_URL
+    encoded = secret["data"]["password"]
+    for d in docs:
+        if d is not secret:
+            text = yaml.safe_dump(d)
+            where = f"{d['kind']}/{d['metadata']['name']}"
+            assert password not in text and encoded not in text, where
+
+
+def test_redis_password_from_an_existing_secret() -> None:
+    docs = render(
+        "production.yaml",
+        sets=("redis.auth.existingSecret=studio-redis", "redis.auth.secretKey=pw"),
+    )
+    assert not find(docs, "Secret", "forge-redis-auth")
+    ref = {"secretKeyRef": {"name": "studio-redis", "key": "pw"}}
+    for kind, name in (
+        ("StatefulSet", "forge-redis"),
+        ("Deployment", "forge-redis-cache"),
+        ("Deployment", "forge-gateway"),
+        ("Deployment", "forge-worker"),
+    ):
+        container = one(docs, kind, name)["spec"]["template"]["spec"]["containers"][0]
+        assert env_of(container)["REDIS_PASSWORD"] == ref, name
+
+
+def test_external_redis_takes_its_auth_token_in_the_url_secret(rendered: dict) -> None:
+    """ElastiCache: the AUTH token is part of the URL in its Secret; the chart makes no
+    password and sets no REDIS_PASSWORD. The docs say how to make the token and the URL."""
+    docs = rendered["external"]
+    assert not find(docs, "Secret", "forge-redis-auth")
+    for name in ("forge-gateway", "forge-worker"):
+        container = one(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        assert "REDIS_PASSWORD" not in env_of(container)
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    assert "--auth-token" in deploy and "--transit-encryption-enabled" in deploy
+    assert "rediss://:" in deploy
+
+
+def redis_args(container: dict) -> dict[str, str]:
+    """The redis-server options of a container (`--name value` pairs), from its command."""
+    words = container["command"]
+    if words[:2] == ["sh", "-ec"]:  # a script: `set -- --opt value ...`
+        script = words[-1]
+        words = re.sub(r"\\\n", " ", script).split("set --", 1)[1].split("\n", 1)[0].split()
+    else:
+        assert words[0] == "redis-server", words
+        words = words[1:]
+    options: dict[str, str] = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""
+            options[word[2:]] = value
+    return options
+
+
+@pytest.mark.parametrize("scenario", ["minimal", "production"])
+def test_job_state_cannot_be_evicted_and_the_cache_can(rendered: dict, scenario: str) -> None:
+    """The state Redis (job state, keys, limits, idempotency) refuses writes when full instead
+    of evicting, and keeps an append-only file on its volume; the result cache is a Redis of
+    its own that evicts least recently used keys within its maxmemory. (The external scenario:
+    test_external_kafka_and_redis.)"""
+    docs = rendered[scenario]
+    state = one(docs, "StatefulSet", "forge-redis")
+    spec = state["spec"]["template"]["spec"]
+    options = redis_args(spec["containers"][0])
+    assert options["maxmemory-policy"] == "noeviction"
+    assert options["maxmemory"]
+    assert options["appendonly"] == "yes" and options["dir"] == "/data"
+    mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    claims = {c["metadata"]["name"] for c in state["spec"]["volumeClaimTemplates"]}
+    assert mounts["/data"] in claims
+    cache = one(docs, "Deployment", "forge-redis-cache")["spec"]["template"]["spec"]
+    options = redis_args(cache["containers"][0])
+    assert options["maxmemory-policy"] == "allkeys-lru"
+    assert options["maxmemory"] == "200mb"
+    assert options["appendonly"] == "no" and options["save"] == ""
+    # The gateway and the workers use the cache Redis for the cache only.
+    for name in ("forge-gateway", "forge-worker"):
+        container = one(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        env = env_of(container)
+        assert env["FORGE_REDIS_URL"] == STATE_URL
+        assert env["FORGE_CACHE_REDIS_URL"] == CACHE_URL
+    service = one(docs, "Service", "forge-redis-cache")
+    assert service["spec"]["ports"][0]["port"] == 6379
 
 
 def test_redis_is_replicated_from_pod_zero(rendered: dict) -> None:
@@ -576,10 +913,7 @@ def test_redis_is_replicated_from_pod_zero(rendered: dict) -> None:
     master = one(docs, "Service", "forge-redis-master")
     assert master["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == "forge-redis-0"
     gateway = one(docs, "Deployment", "forge-gateway")["spec"]["template"]["spec"]
-    assert (
-        env_of(gateway["containers"][0])["FORGE_REDIS_URL"]
-        == "redis://forge-redis-master.forge.svc:6379/0"
-    )
+    assert env_of(gateway["containers"][0])["FORGE_REDIS_URL"] == STATE_URL
 
 
 def test_gp3_storage_class(rendered: dict) -> None:
@@ -647,6 +981,11 @@ def test_every_workload_has_a_pdb(docs: list[dict]) -> None:
     pdbs = [d["spec"]["selector"]["matchLabels"] for d in find(docs, "PodDisruptionBudget")]
     for name, meta, _ in pod_specs(docs):
         assert any(labels_match(sel, meta["labels"]) for sel in pdbs), name
+    # A worker that is not Ready (paused while the image model is unavailable) or a gateway
+    # without Redis can still be evicted: such an outage never blocks a node drain.
+    for name in ("forge-worker", "forge-gateway", "forge-triton"):
+        pdb = one(docs, "PodDisruptionBudget", name)
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", name
 
 
 def _component_selector(component: str) -> dict[str, str]:
@@ -668,7 +1007,7 @@ def test_network_policies(docs: list[dict]) -> None:
     gateway = policies["forge-gateway"]
     assert gateway["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
     inside = [_component_selector("gateway"), _component_selector("worker")]
-    for name in ("forge-triton", "forge-redis"):
+    for name in ("forge-triton", "forge-redis", "forge-redis-cache"):
         if name not in policies:
             continue
         for rule in policies[name]["ingress"]:
@@ -677,10 +1016,156 @@ def test_network_policies(docs: list[dict]) -> None:
                 if "namespaceSelector" in peer:  # Prometheus, metrics port only
                     assert [p["port"] for p in rule["ports"]] == ["metrics"], name
                 else:
-                    allowed = [*inside, _component_selector("redis")] if "redis" in name else inside
+                    allowed = (
+                        [*inside, _component_selector("redis")] if name == "forge-redis" else inside
+                    )
                     assert peer["podSelector"]["matchLabels"] in allowed, name
     triton_ports = {p["port"] for r in policies["forge-triton"]["ingress"] for p in r["ports"]}
     assert triton_ports == {"http", "grpc", "metrics"}
+
+
+PRIVATE_V4 = {
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+}
+PRIVATE_V6 = {"fc00::/7", "fe80::/10"}
+
+
+def policy_egress(docs: list[dict], name: str) -> list[dict]:
+    """The egress rules of a NetworkPolicy that also restricts egress."""
+    spec = one(docs, "NetworkPolicy", name)["spec"]
+    assert "Egress" in spec["policyTypes"], name
+    return spec["egress"]
+
+
+def rule_ports(rule: dict) -> set[int]:
+    assert all(p.get("protocol", "TCP") in ("TCP", "UDP") for p in rule["ports"]), rule
+    return {p["port"] for p in rule["ports"]}
+
+
+def cidrs(rule: dict) -> set[str]:
+    return {peer["ipBlock"]["cidr"] for peer in rule["to"] if "ipBlock" in peer}
+
+
+def internet_rule(egress: list[dict]) -> dict | None:
+    found = [r for r in egress if "0.0.0.0/0" in cidrs(r)]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def internet_ports(egress: list[dict]) -> set[int]:
+    rule = internet_rule(egress)
+    return rule_ports(rule) if rule else set()
+
+
+def egress_allows_address(egress: list[dict], address: str, port: int) -> bool:
+    """Whether an ipBlock rule lets traffic out to address:port (pod selectors aside)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    for rule in egress:
+        if port not in rule_ports(rule):
+            continue
+        for peer in rule["to"]:
+            block = peer.get("ipBlock")
+            if not block or ip.version != ipaddress.ip_network(block["cidr"]).version:
+                continue
+            inside = ip in ipaddress.ip_network(block["cidr"])
+            excepted = any(ip in ipaddress.ip_network(e) for e in block.get("except", []))
+            if inside and not excepted:
+                return True
+    return False
+
+
+def egress_targets(egress: list[dict]) -> dict[str, set[int]]:
+    """What each rule reaches, by name ("dns", "kafka", "redis", "redis-cache", "triton",
+    an ipBlock's CIDR), and its ports; a rule that reaches anything else fails."""
+    found: dict[str, set[int]] = {}
+    for rule in egress:
+        assert rule.get("to"), f"an egress rule without `to` reaches everything: {rule}"
+        assert rule.get("ports"), f"an egress rule without ports: {rule}"
+        for peer in rule["to"]:
+            if "ipBlock" in peer:
+                name = peer["ipBlock"]["cidr"]
+            elif "namespaceSelector" in peer:
+                assert peer["namespaceSelector"]["matchLabels"] == {
+                    "kubernetes.io/metadata.name": "kube-system"
+                }
+                assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+                name = "dns"
+            else:
+                labels = peer["podSelector"]["matchLabels"]
+                if labels.get("strimzi.io/cluster"):
+                    broker = {"strimzi.io/cluster": "forge", "strimzi.io/broker-role": "true"}
+                    assert labels == broker
+                    name = "kafka"
+                else:
+                    name = labels["app.kubernetes.io/component"]
+                    assert labels == _component_selector(name), labels
+            assert name not in found, f"{name} twice"
+            found[name] = rule_ports(rule)
+    return found
+
+
+def test_gateway_and_worker_egress(rendered: dict) -> None:
+    """The workers reach DNS, the brokers, both Redis, Triton's gRPC port and the public
+    internet (private ranges left out) on the callback ports and 443 (S3); the gateway the
+    same without the internet, but for S3 and STS on 443 where assets are on S3."""
+    inside = {
+        "dns": {53},
+        "kafka": {9092},
+        "redis": {6379},
+        "redis-cache": {6379},
+        "triton": {8001},
+    }
+    for scenario in ("production", "minimal"):
+        docs = rendered[scenario]
+        s3 = scenario == "production"  # minimal keeps assets on a volume
+        worker = policy_egress(docs, "forge-worker")
+        gateway = policy_egress(docs, "forge-gateway")
+        assert egress_targets(worker) == {**inside, "0.0.0.0/0": {80, 443}}, scenario
+        expected = {**inside, "0.0.0.0/0": {443}} if s3 else inside
+        assert egress_targets(gateway) == expected, scenario
+        dns = next(r for r in worker if egress_targets([r]) == {"dns": {53}})
+        assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+        for egress in (worker, gateway) if s3 else (worker,):
+            block = internet_rule(egress)["to"][0]["ipBlock"]  # type: ignore[index]
+            assert set(block["except"]) == PRIVATE_V4
+        private = ("10.1.2.3", "172.20.0.1", "192.168.5.5", "169.254.169.254", "100.64.1.1")
+        for address in (*private, "127.0.0.1"):
+            for egress in (worker, gateway):
+                for port in (80, 443, 6379, 9092):
+                    assert not egress_allows_address(egress, address, port), (scenario, address)
+        assert egress_allows_address(worker, "203.0.113.7", 443)
+        assert egress_allows_address(worker, "203.0.113.7", 80)
+        assert not egress_allows_address(worker, "203.0.113.7", 22)
+        assert egress_allows_address(gateway, "203.0.113.7", 443) is s3
+        assert not egress_allows_address(gateway, "203.0.113.7", 80)
+    # External Kafka and Redis: no in-cluster peers for them, their subnets instead.
+    docs = rendered["external"]
+    for name in ("forge-worker", "forge-gateway"):
+        targets = egress_targets(policy_egress(docs, name))
+        assert "kafka" not in targets and "redis" not in targets and "redis-cache" not in targets
+        assert targets["192.168.0.0/16"] == {9092, 9094, 6379}
+        assert targets["dns"] == {53} and targets["triton"] == {8001}
+    result = helm_template(
+        "production.yaml", "external.yaml", sets=("networkPolicy.externalServices=null",)
+    )
+    assert result.returncode != 0 and "networkPolicy.externalServices" in result.stderr
+
+
+def test_egress_ipv6_internet_when_asked() -> None:
+    docs = render("production.yaml", sets=("networkPolicy.ipv6=true",))
+    worker = policy_egress(docs, "forge-worker")
+    v6 = [p["ipBlock"] for p in internet_rule(worker)["to"] if p["ipBlock"]["cidr"] == "::/0"]  # type: ignore[index]
+    assert len(v6) == 1 and set(v6[0]["except"]) == PRIVATE_V6
+    assert egress_allows_address(worker, "2001:db8::1", 443)
+    assert not egress_allows_address(worker, "fd00::1", 443)
+    assert not egress_allows_address(worker, "fe80::1", 443)
 
 
 def test_checkov_skips_carry_reasons(docs: list[dict]) -> None:

@@ -20,7 +20,8 @@ from launcher.kafka import KafkaBroker
 from launcher.redis import RedisServer
 from launcher.triton import Triton
 from tests.conftest import NARROW_CONTRACT, gateway_env, model_parameters
-from tests.test_gateway import assert_problem, client, triton_count
+from tests.test_gateway import assert_problem, client
+from tests.triton_state import settle
 
 
 def image_schema(gateway: GatewayServer, name: str = "ImageRequest") -> dict[str, Any]:
@@ -63,7 +64,7 @@ def test_a_request_the_model_would_refuse_is_refused_before_any_charge(
     small = {"prompt": "a notched cleaver", "steps": 2, "width": 64, "height": 64}  # 1 unit
     with client(narrow_gateway) as c:
         before = remaining(c.post("/v1/images", json=small))
-        calls = triton_count(narrow_triton)["inferences"]
+        calls = settle(narrow_triton)
         for change, field in (
             ({"width": 72}, "multiple of 16"),  # the tiny model's size multiple
             ({"width": 512}, "less than or equal to 256"),  # this contract's max_size
@@ -72,7 +73,7 @@ def test_a_request_the_model_would_refuse_is_refused_before_any_charge(
         ):
             problem = assert_problem(c.post("/v1/images", json={**small, **change}), 422)
             assert field in problem["detail"]
-        assert triton_count(narrow_triton)["inferences"] == calls  # Triton never saw them
+        assert settle(narrow_triton).since(calls).inferences == 0  # Triton never saw them
         after = remaining(c.post("/v1/images", json=small))
     assert after == before - 1  # only the two valid requests were charged
 

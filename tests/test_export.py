@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import onnx
@@ -115,7 +116,9 @@ def test_export_config_adds_the_manifest_values_and_deployment_overrides(
 ) -> None:
     from export.triton_config import read_config
 
-    repo = weights.parents[2]
+    # A copy of the session's repository: the running Tritons' config stays as it is, even
+    # when an assertion below fails.
+    repo = Path(shutil.copytree(weights.parents[2], tmp_path / "repo", symlinks=True))
     manifest = json.loads((weights / "manifest.json").read_text())
     code = export_main(
         [
@@ -148,8 +151,9 @@ def test_export_config_adds_the_manifest_values_and_deployment_overrides(
     assert [(g.kind, g.count) for g in config.instance_group] == [
         (config.instance_group[0].KIND_GPU, 2)
     ]
-    # Back to the committed settings for the other tests of this session.
-    assert export_main(["config", "--repository", str(repo)]) == 0
+    assert export_main(["config", "--repository", str(repo)]) == 0  # the committed settings
+    again = read_config(repo / "stable_diffusion" / "configs" / "exported.pbtxt")
+    assert again.max_batch_size == committed.max_batch_size
     empty = copy_model_repository(tmp_path / "empty")
     assert export_main(["config", "--repository", str(empty)]) == 2
     assert "export the model first" in capsys.readouterr().err

@@ -199,6 +199,13 @@ def test_the_seed_targets_are_alerted_on() -> None:
         "ConsumerLagGrowing",
         "DeadLettersAppearing",
         "GPUMemoryHigh",
+        # The workers' own state: paused, committing, the callback outbox, the sweeper.
+        "WorkersPaused",
+        "OffsetCommitsFailing",
+        "CallbacksGivenUp",
+        "SweeperRequeuing",
+        "JobItemsExpired",
+        "BrokerUnreachable",
     } <= names
     by_name = alerts()
     assert "> 30" in by_name["GenerationLatencyP95High"]["expr"]
@@ -273,6 +280,10 @@ def test_dashboards_show_what_the_issue_asks_for() -> None:
         "topic_outcome:forge_jobs:rate5m",
         "topic:forge_job_retries:rate5m",
         "reason:forge_dead_letters:increase1h",
+        "forge:workers_paused:sum",
+        "forge:commit_failures:rate5m",
+        "outcome:forge_callbacks:rate5m",
+        "action:forge_swept:increase1h",
     ):
         assert needed in text["forge-kafka-jobs"], needed
 
@@ -283,3 +294,21 @@ def test_dashboards_use_only_recorded_or_exported_names() -> None:
     for uid, title, expr in dashboard_exprs():
         for name in re.findall(r"[a-zA-Z_]*:[a-zA-Z0-9_:]+", expr):
             assert name in recorded, f"{uid} / {title}: {name} is not recorded"
+
+
+def test_topic_regexes_match_every_consumed_topic() -> None:
+    """The rules' and dashboards' topic regexes (ConsumerLagGrowing, the lag stat) match every
+    topic the workers consume, each tier's retry topic included, and not results or dead
+    letters."""
+    from gateway.topics import Topics
+
+    topics = Topics("forge.jobs.")
+    exprs = [r["expr"] for r in rules()] + [expr for _, _, expr in dashboard_exprs()]
+    patterns = {p for expr in exprs for p in re.findall(r'topic=~"([^"]+)"', expr)}
+    assert patterns
+    for pattern in patterns:
+        regex = re.compile(pattern.replace("\\\\", "\\"))  # a PromQL string: \\ is one \
+        for topic in topics.consumed:
+            assert regex.fullmatch(topic), (pattern, topic)
+        for topic in (topics.results, topics.dead_letter):
+            assert not regex.fullmatch(topic), (pattern, topic)

@@ -1,5 +1,6 @@
-"""The pipeline core without Triton: parity with diffusers, batching, guidance, cancellation,
-and the generation contract (missing values, seeds, the refusal of a bad config)."""
+"""The pipeline core without Triton: parity with diffusers, batching, the pixel budget,
+guidance, cancellation, a failing batch, and the generation contract (missing values, seeds,
+the refusal of a bad config)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from sd_contract import ConfigError, GenerationContract
-from sd_pipeline import StableDiffusionCore
+from sd_pipeline import GenerationFailed, RowFailure, StableDiffusionCore, pack
 from sd_requests import SCHEDULERS, GenerationRequest, InvalidRequest
 from sd_weights import load_manifest
 
@@ -37,12 +38,18 @@ def request(**overrides) -> GenerationRequest:  # type: ignore[no-untyped-def]
     return GenerationRequest(**{**fields, **overrides})
 
 
+@pytest.fixture(scope="module")
+def every_scheduler(weights: Path) -> StableDiffusionCore:
+    """A core offering every supported scheduler (lcm takes at most 50 steps)."""
+    return make_core(weights, schedulers=",".join(SCHEDULERS), max_steps="50")
+
+
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_each_scheduler_matches_the_diffusers_pipeline(
-    core: StableDiffusionCore, diffusers_pipe, scheduler: str
+    every_scheduler: StableDiffusionCore, diffusers_pipe, scheduler: str
 ) -> None:
     req = request(scheduler=scheduler, negative_prompt="blurry", height=144)
-    (ours,) = core.generate([core.row(req)])
+    (ours,) = every_scheduler.generate([every_scheduler.row(req)])
     reference = diffusers_reference(diffusers_pipe, req)
     assert ours is not None and ours.shape == reference.shape == (144, 128, 3)
     diff = np.abs(ours.astype(int) - reference.astype(int))
@@ -96,6 +103,143 @@ def test_cancellation_is_checked_between_steps(weights: Path) -> None:
     assert len(unet.batches) == 20
 
 
+class UNetFailingAt:
+    """The UNet, except that it raises for latents of one height x width (a network that
+    serves no such size), counting the batches it is called with."""
+
+    def __init__(self, inner, latent_size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.latent_size, self.batches = inner, latent_size, []
+
+    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
+        self.batches.append(tuple(inputs[0].shape))
+        if tuple(inputs[0].shape[-2:]) == self.latent_size:
+            raise RuntimeError(f"no kernel for latents {self.latent_size}")
+        return self.inner(*inputs)
+
+
+def test_a_failing_group_fails_only_its_own_rows(core: StableDiffusionCore, weights: Path) -> None:
+    rows = [
+        request(),
+        request(height=144, seed=3),  # latents 18 x 16: the failing group
+        request(seed=5, scheduler="ddim", guidance_scale=1.0),
+        request(height=144, seed=4, guidance_scale=1.0),
+    ]
+    alone = [core.generate([core.row(r)])[0] for r in (rows[0], rows[2])]
+    failing = make_core(weights)
+    unet = failing.components["unet"] = UNetFailingAt(failing.components["unet"], (18, 16))
+    outcomes = failing.generate_outcomes([failing.row(r) for r in rows])
+    assert isinstance(outcomes[0], np.ndarray) and isinstance(outcomes[2], np.ndarray)
+    assert np.array_equal(outcomes[0], alone[0]) and np.array_equal(outcomes[2], alone[1])
+    failure = outcomes[1]
+    assert isinstance(failure, RowFailure) and outcomes[3] is failure  # one batch, one failure
+    assert failure.error.__traceback__ is None  # keeps no frame of the failed batch alive
+    assert str(failure) == (
+        "euler_ancestral, 6 steps, 128x144: RuntimeError: no kernel for latents (18, 16)"
+    )
+    # The failing group stopped at its first UNet call; the other groups ran all 6 steps.
+    assert sorted(b[0] for b in unet.batches if b[-2:] == (18, 16)) == [3]
+    assert sum(b[-2:] == (16, 16) for b in unet.batches) == 12  # two groups, 6 steps each
+    with pytest.raises(GenerationFailed, match=r"generation failed: euler_ancestral, 6 steps"):
+        failing.generate([failing.row(r) for r in rows])
+
+
+def test_a_failure_while_decoding_fails_its_rows_too(weights: Path) -> None:
+    core = make_core(weights)
+    decoder = core.components["vae_decoder"]
+
+    def decode(latents):  # type: ignore[no-untyped-def]
+        if latents.shape[0] == 2:
+            raise MemoryError("out of memory decoding 2 images")
+        return decoder(latents)
+
+    core.components["vae_decoder"] = decode
+    rows = [request(steps=2), request(steps=2, seed=1), request(steps=3)]
+    outcomes = core.generate_outcomes([core.row(r) for r in rows])
+    assert isinstance(outcomes[0], RowFailure) and outcomes[1] is outcomes[0]
+    assert "MemoryError: out of memory decoding 2 images" in str(outcomes[0])
+    assert isinstance(outcomes[2], np.ndarray) and outcomes[2].shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize(
+    ("costs", "budget", "bins"),
+    [
+        ([2, 2, 2, 2, 1, 1], 3, [[0, 4], [1, 5], [2], [3]]),
+        ([1, 2, 1, 2], 3, [[0, 1], [2, 3]]),  # costliest first, then the gaps
+        ([2, 2, 1], 4, [[0, 1], [2]]),
+        ([2, 1], 1, [[0], [1]]),  # over the budget: alone
+        ([1] * 5, 10, [[0, 1, 2, 3, 4]]),
+        ([], 3, []),
+    ],
+)
+def test_pack_fills_the_fewest_batches(
+    costs: list[int], budget: int, bins: list[list[int]]
+) -> None:
+    assert pack(costs, budget) == bins
+
+
+def split_core(weights: Path, budget: int) -> tuple[StableDiffusionCore, CountingUNet]:
+    core = make_core(weights, max_batch_pixels=str(budget))
+    unet = core.components["unet"] = CountingUNet(core.components["unet"])
+    return core, unet
+
+
+def test_the_pixel_budget_splits_a_group_and_guided_rows_count_twice(
+    core: StableDiffusionCore, weights: Path
+) -> None:
+    pixels = 128 * 128
+    rows = [request(seed=s) for s in range(4)]  # guided: 2 x pixels each
+    rows += [request(seed=10 + s, guidance_scale=1.0) for s in range(2)]  # unguided: pixels
+    rows.insert(2, request(seed=20, steps=4))  # another group
+    whole = core.generate([core.row(r) for r in rows])
+    split, unet = split_core(weights, 3 * pixels)  # one guided and one unguided row per call
+    assert split.batches([split.row(r) for r in rows]) == [[0, 5], [1, 6], [3], [4], [2]]
+    images = split.generate([split.row(r) for r in rows])
+    assert unet.batches == [3] * 6 + [3] * 6 + [2] * 6 + [2] * 6 + [2] * 4
+    assert all(n * pixels <= 3 * pixels for n in unet.batches)
+    for a, b in zip(whole, images, strict=True):
+        assert a is not None and b is not None and a.tobytes() == b.tobytes()
+
+
+def test_a_row_over_the_pixel_budget_runs_alone(core: StableDiffusionCore, weights: Path) -> None:
+    rows = [request(), request(seed=1, guidance_scale=1.0)]
+    whole = core.generate([core.row(r) for r in rows])
+    split, unet = split_core(weights, 100)
+    images = split.generate([split.row(r) for r in rows])
+    assert unet.batches == [2] * 6 + [1] * 6  # the guided row is two UNet rows, alone
+    assert [a.tobytes() for a in whole] == [b.tobytes() for b in images]  # type: ignore[union-attr]
+
+
+def test_the_committed_pixel_budget_splits_only_large_images(core: StableDiffusionCore) -> None:
+    assert core.max_batch_pixels == 16 * 512 * 512
+    full = [core.row(request(seed=s, steps=1)) for s in range(8)]
+    assert core.batches(full) == [list(range(8))]  # the tiny model's default size: one call
+    large = [core.row(request(seed=s, steps=1, width=1024, height=1024)) for s in range(8)]
+    assert core.batches(large) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    unguided = [
+        core.row(request(seed=s, steps=1, width=1024, height=1024, guidance_scale=1.0))
+        for s in range(8)
+    ]
+    assert core.batches(unguided) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("value", [None, "0", "-4", "lots", "1.5", ""])
+def test_the_pixel_budget_must_be_a_positive_integer(weights: Path, value: str | None) -> None:
+    parameters, batch = core_config(weights)
+    if value is None:
+        del parameters["max_batch_pixels"]
+        message = "parameter max_batch_pixels is missing"
+    else:
+        parameters["max_batch_pixels"] = value
+        message = f"parameter max_batch_pixels {value!r} is not a positive integer"
+    with pytest.raises(ConfigError, match=message):
+        StableDiffusionCore(weights, parameters, max_batch_size=batch)
+
+
+def test_a_scheduler_that_cannot_take_the_step_range_is_not_offered(weights: Path) -> None:
+    with pytest.raises(ConfigError, match="offers scheduler lcm, which cannot take 150 steps"):
+        make_core(weights, schedulers="euler,lcm", default_scheduler="euler")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -108,7 +252,6 @@ def test_cancellation_is_checked_between_steps(weights: Path) -> None:
         ({"scheduler": "heun"}, "unknown scheduler 'heun'"),
         ({"guidance_scale": float("nan")}, "guidance_scale nan"),
         ({"seed": -1}, "seed -1"),
-        ({"scheduler": "lcm", "steps": 120}, "scheduler 'lcm' with steps 120"),
         ({"prompt": "axe " * 80}, "prompt is 82 tokens long; the text encoder reads at most 77"),
         ({"negative_prompt": "dull " * 76}, "negative_prompt is 78 tokens long"),
     ],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,18 +12,33 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from sd_requests import GenerationRequest
 from tritonclient.utils import InferenceServerException
 
 from export.__main__ import main as export_main
 from gateway.triton_client import (
     MODEL_NAME,
+    GeneratedImage,
     ImageParams,
+    ModelError,
+    ModelFailed,
     generate,
     make_inputs,
     make_outputs,
 )
 from launcher.process import ServiceError
 from launcher.triton import Triton
+from tests.conftest import one_size_server
+from tests.triton_state import (
+    Calls,
+    Counts,
+    Hold,
+    Witness,
+    counts,
+    settle,
+    wait_pending,
+    wait_until,
+)
 
 AXE = ImageParams(
     prompt="a frost-forged legendary axe",
@@ -33,15 +48,6 @@ AXE = ImageParams(
     height=128,
     scheduler="euler_ancestral",
 )
-
-
-def stats(triton: Triton) -> dict[str, int]:
-    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
-        (model,) = client.get_inference_statistics(MODEL_NAME, as_json=True)["model_stats"]
-    return {
-        "inferences": int(model.get("inference_count", 0)),
-        "executions": int(model.get("execution_count", 0)),
-    }
 
 
 def test_http_and_grpc_give_identical_bytes(triton: Triton) -> None:
@@ -78,7 +84,7 @@ def test_concurrent_requests_are_batched_and_images_do_not_depend_on_batch_mates
     triton: Triton,
 ) -> None:
     (alone,) = generate(triton.grpc_url, [AXE])
-    before = stats(triton)
+    before = settle(triton)
     mates = [
         ImageParams(
             prompt=f"weapon {i}",
@@ -94,12 +100,10 @@ def test_concurrent_requests_are_batched_and_images_do_not_depend_on_batch_mates
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(generate, triton.grpc_url, [p]) for p in [*mates, AXE]]
         results = [f.result()[0] for f in futures]
-    after = stats(triton)
-    inferences = after["inferences"] - before["inferences"]
-    executions = after["executions"] - before["executions"]
-    print(f"12 requests in {executions} executions")
-    assert inferences == 12
-    assert executions < inferences  # the dynamic batcher grouped requests
+    traffic = settle(triton).since(before)
+    print(f"12 requests in {traffic.executions} executions: {traffic.batches} by batch size")
+    assert traffic.inferences == 12
+    assert traffic.executions < traffic.inferences  # the dynamic batcher grouped requests
     assert np.array_equal(results[-1].pixels, alone.pixels)
 
 
@@ -143,39 +147,94 @@ def test_wrong_dtype_and_missing_prompt_get_invalid_arg(triton: Triton) -> None:
     assert error.status() == "StatusCode.INVALID_ARGUMENT" and "prompt" in error.message()
 
 
-def test_a_cancelled_request_stops_early_and_frees_the_model(triton: Triton) -> None:
+def test_a_cancelled_request_stops_early_and_frees_the_model(triton: Triton, weights: Path) -> None:
+    """Order, not time: a slow request is cancelled while it runs, a quick one waits behind it,
+    and the quick one's answer comes before a witness (the same work, 100 steps, started before
+    the slow request, running in this process) finishes. Were the cancellation ignored, the
+    slow request's 150 steps would end after the witness's 100, and the quick answer later."""
     slow = ImageParams(
         prompt="a huge slow greatsword", seed=1, steps=150, width=768, height=768, scheduler="euler"
     )
     quick = ImageParams(prompt="a dagger", seed=2, steps=2, width=64, height=64)
-
-    def seconds(steps: int) -> float:
-        start = time.monotonic()
-        generate(triton.grpc_url, [ImageParams(**{**slow.__dict__, "steps": steps})])
-        return time.monotonic() - start
-
-    per_step = (seconds(8) - seconds(2)) / 6
-    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
-        done: list[Any] = []
-        start = time.monotonic()
-        call = client.async_infer(
-            MODEL_NAME,
-            make_inputs(grpcclient, [slow]),
-            callback=lambda result, error: done.append(error),
-            outputs=make_outputs(grpcclient),
-        )
-        time.sleep(1.0)
-        call.cancel()
-        client.infer(MODEL_NAME, make_inputs(grpcclient, [quick]), outputs=make_outputs(grpcclient))
-        quick_done = time.monotonic() - start
+    witness = Witness(weights, GenerationRequest(**{**slow.__dict__, "steps": 100}))
+    start = settle(triton)
+    calls = Calls(triton)
+    try:
+        with Hold(triton) as hold:
+            slow_call = calls.send("slow", [slow])
+            wait_pending(triton, 2, "the slow request, behind the hold")
+            witness.start()
+            hold.release()
+        wait_pending(triton, 0, "the slow request runs")
+        calls.send("quick", [quick], on_arrival=lambda: witness.finished.is_set())
+        wait_pending(triton, 1, "the quick request waits for the slow one")
+        slow_call.cancel()
+        result, error = calls.wait("quick")
+    finally:
+        witness.stop()
+        calls.close()
+    traffic = settle(triton).since(start)
     print(
-        f"quick request done {quick_done:.1f}s after the slow one started; one slow step "
-        f"takes {per_step:.2f}s, so all 150 would take ~{150 * per_step:.0f}s"
+        f"quick answered while the witness was at step {witness.steps_started} of 100; "
+        f"Triton ran {traffic.batches} executions by batch size"
     )
-    # The quick request waited for at most the step in progress, not 148 more.
-    assert quick_done < 1.0 + 3 * per_step + 1.0
-    assert 150 * per_step > 10 * quick_done
-    assert done and done[0] is not None and "CANCELLED" in str(done[0].status())
+    assert error is None and result.as_numpy("generated_image").shape == (1, 64, 64, 3)
+    assert calls.at_arrival["quick"] is False, (
+        "the witness finished its 100 steps before the quick request was answered: "
+        "the cancelled request ran on instead of stopping"
+    )
+    (_, slow_error) = calls.wait("slow")
+    assert slow_error is not None and "CANCELLED" in str(slow_error.status())
+    # The slow and the quick request each ran alone (the hold's batches are full ones).
+    assert traffic.batches.get(1) == 2
+
+
+@pytest.fixture(scope="module")
+def one_size_triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    """The tiny model in its own Triton, its UNet serving 128x128 only. Batches of three rows
+    and a long queue delay: three one-row requests run in one execution, whenever each
+    arrives, and a three-row request runs at once."""
+    batching = ["--max-batch-size", "3", "--max-queue-delay-us", "600000000"]
+    with one_size_server(repository, tmp_path_factory, "one-size", *batching) as server:
+        yield server
+
+
+def attempt(url: str, rows: list[ImageParams]) -> list[GeneratedImage] | ModelError:
+    """The images of one request, or the error Triton answered it with."""
+    try:
+        return generate(url, rows)
+    except ModelError as exc:
+        return exc
+
+
+def test_a_failing_group_fails_only_its_requests(one_size_triton: Triton, triton: Triton) -> None:
+    url = one_size_triton.grpc_url
+    dagger = ImageParams(
+        prompt="a bone dagger", seed=9, steps=4, width=128, height=128, scheduler="ddim"
+    )
+    tall = ImageParams(**{**AXE.__dict__, "height": 144})  # latents 18 x 16: the UNet fails
+    before = counts(one_size_triton)
+    with ThreadPoolExecutor(3) as pool:
+        axe, other, failed = pool.map(lambda p: attempt(url, [p]), [AXE, dagger, tall])
+
+    def executed() -> Counts | None:
+        now = counts(one_size_triton).minus(before)
+        return now if now.executions else None
+
+    ran = wait_until("Triton to count the execution", executed)
+    print(f"three requests of three groups: {ran}")
+    assert ran.batches == {3: 1}  # one execution held all three
+    for answer, params in [(axe, AXE), (other, dagger)]:
+        (expected,) = generate(triton.grpc_url, [params])
+        assert isinstance(answer, list) and np.array_equal(answer[0].pixels, expected.pixels)
+    assert isinstance(failed, ModelFailed) and failed.status == "StatusCode.INTERNAL"
+    assert failed.message.startswith("generation failed: euler_ancestral, 6 steps, 128x144: ")
+    assert "only_128x128" in failed.message  # the ONNX node that refused the latents
+    # A static batch with a row in a failing group fails as a whole; the model serves on.
+    mixed = attempt(url, [AXE, tall, dagger])
+    assert isinstance(mixed, ModelFailed) and "128x144" in mixed.message
+    again = generate(url, [AXE, dagger, AXE])
+    assert isinstance(axe, list) and np.array_equal(again[0].pixels, axe[0].pixels)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -258,7 +317,6 @@ def test_the_served_config_publishes_the_generation_contract(triton: Triton, wei
         "euler",
         "euler_ancestral",
         "dpmpp_2m",
-        "lcm",
         "pndm",
     ]
     assert parameters["max_seed"] == str(2**63 - 1)

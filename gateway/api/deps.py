@@ -38,9 +38,11 @@ async def api_key(
     """The live API key the request presents, or 401."""
     if credentials is None:
         raise unauthorized("send an API key as `Authorization: Bearer <key>`")
-    key = await svc.keys.authenticate(credentials.credentials)
+    key, why = await svc.keys.authenticate(credentials.credentials)
     if key is None:
-        raise unauthorized("the API key is unknown or revoked")
+        raise unauthorized(
+            "the API key has expired" if why == "expired" else "the API key is unknown or revoked"
+        )
     return key
 
 

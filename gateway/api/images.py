@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 
 from gateway.api.deps import GenerateKey, ImageBody, Parsed, ServicesDep, WeaponBody
 from gateway.api.http import IdempotencyKey, problems
 from gateway.assets import MEDIA_TYPES
 from gateway.bodies import contract_body
-from gateway.idempotency import fingerprint
 from gateway.keys import ApiKey
 from gateway.problems import Problem, unavailable
 from gateway.ratelimit import cost
 from gateway.schemas import ImageResult, ImageSpec
 from gateway.services import Services
+from gateway.triton_client import ModelRejected
 
 GENERATION_ERRORS = problems(400, 401, 403, 406, 409, 413, 422, 429, 499, 502, 503)
 IMAGE_CONTENT = {
@@ -26,6 +28,7 @@ IMAGE_CONTENT = {
     "content": {"image/png": {}, "image/webp": {}},
 }
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["generate"])
 
 
@@ -92,30 +95,40 @@ async def run_sync(
     idempotency_key: str | None,
 ) -> Response:
     """Idempotency, cache, rate limit, generation, in that order; one result per request."""
-    print_ = fingerprint(request.url.path, parsed.body.model_dump(mode="json"))
-    if idempotency_key is not None:
-        stored = await svc.idempotency.begin(key.id, idempotency_key, print_)
-        if stored is not None:
-            return await render(
-                request, svc, ImageResult(**stored), {"Idempotent-Replayed": "true"}
-            )
+    claim = svc.idempotency.claim(
+        key.id, idempotency_key, request.url.path, parsed.body.model_dump(mode="json")
+    )
+    stored = await claim.begin()
+    if stored is not None:
+        return await render(request, svc, ImageResult(**stored), {"Idempotent-Replayed": "true"})
     try:
         result = await svc.generator.cached(spec)
         units = 1 if result else cost(spec, parsed.bodies.contract)
         charge = await svc.limiter.charge(key.id, key.tier, units)
         if result is None:
-            result = await cancel_on_disconnect(
-                request, svc.generator.generate(spec, source="sync")
-            )
+            result = await generate_or_refund(request, svc, key, spec, units)
     except BaseException:
-        if idempotency_key is not None:
-            await svc.idempotency.release(key.id, idempotency_key)
+        await claim.release()
         raise
-    if idempotency_key is not None:
-        await svc.idempotency.complete(
-            key.id, idempotency_key, print_, result.model_dump(mode="json")
-        )
+    try:
+        await claim.complete(result.model_dump(mode="json"))
+    except RedisError:  # the image is made and stored: the client gets it all the same
+        log.warning("could not keep the result for Idempotency-Key replays", exc_info=True)
     return await render(request, svc, result, charge.headers())
+
+
+async def generate_or_refund(
+    request: Request, svc: Services, key: ApiKey, spec: ImageSpec, units: int
+) -> ImageResult:
+    """Generate (cancelled if the client leaves); a failure on the server's side (the model
+    failed or is away, a store failed) gives the charge back."""
+    try:
+        return await cancel_on_disconnect(request, svc.generator.generate(spec, source="sync"))
+    except (ModelRejected, Problem, asyncio.CancelledError):
+        raise  # the client's doing: an invalid request, or it went away
+    except Exception:
+        await svc.limiter.refund(key.id, key.tier, units)
+        raise
 
 
 DOCUMENTED: dict[str, Any] = {

@@ -9,13 +9,15 @@ from __future__ import annotations
 import secrets
 import time
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from gateway import metrics
 from gateway.api.deps import GenerateKey, ImageJobBody, Parsed, ServicesDep, WeaponJobBody
-from gateway.api.http import problems
+from gateway.api.http import IdempotencyKey, problems
 from gateway.bodies import contract_body
+from gateway.callback_urls import UnsafeCallback
+from gateway.idempotency import Claim
 from gateway.jobs import JobMessage, new_job_id
 from gateway.keys import ApiKey
 from gateway.problems import Problem
@@ -24,7 +26,7 @@ from gateway.schemas import ImageSpec, JobOptions, JobStatus
 from gateway.services import Services
 from gateway.topics import TIERS, Topics
 
-SUBMIT_ERRORS = problems(400, 401, 403, 413, 422, 429, 503)
+SUBMIT_ERRORS = problems(400, 401, 403, 404, 409, 413, 422, 429, 503)
 router = APIRouter(tags=["jobs"])
 
 
@@ -36,46 +38,109 @@ def topic_for(key: ApiKey, asked: str | None, topics: Topics) -> tuple[str, str]
     return tier, topics.requests(tier)
 
 
-async def submit(svc: Services, key: ApiKey, parsed: Parsed, specs: list[ImageSpec]) -> Response:
-    """Charge, record the job, and queue one message per image (seeds fixed now)."""
-    settings, bodies, options = svc.settings, parsed.bodies, parsed.body
+async def submit(
+    request: Request,
+    svc: Services,
+    key: ApiKey,
+    parsed: Parsed,
+    specs: list[ImageSpec],
+    idempotency_key: str | None,
+) -> Response:
+    """Charge, record the job, and queue one message per image (seeds fixed now); with an
+    Idempotency-Key, a retried submission gets the job of the first."""
+    options = parsed.body
     assert isinstance(options, JobOptions)
-    if options.callback_url and not settings.webhook_secret:
-        raise Problem(422, "Callbacks are off", "this deployment has no webhook secret set")
-    tier, topic = topic_for(key, options.priority, Topics(settings.topic_prefix))
-    charge = await svc.limiter.charge(
-        key.id, key.tier, sum(cost(spec, bodies.contract) for spec in specs)
+    callback_url = getattr(options, "callback_url", None)
+    if callback_url is not None:
+        await check_callback(svc, key, callback_url)
+    claim = svc.idempotency.claim(
+        key.id, idempotency_key, request.url.path, options.model_dump(mode="json")
     )
-    job_id = new_job_id()
-    now = time.time()
-    await svc.jobs.create(job_id, key.id, len(specs), tier, options.callback_url)
+    stored = await claim.begin()
+    if stored is not None:
+        status = await svc.jobs.status(str(stored["job_id"]))
+        if status is None:
+            raise Problem(404, "Not Found", f"job {stored['job_id']} of this key has expired")
+        return accepted(status, {"Idempotent-Replayed": "true"})
     try:
-        for index, spec in enumerate(specs):
-            # The seed is fixed now, so a redelivered item makes the very same image.
-            if spec.seed is None:
-                spec = spec.model_copy(
-                    update={"seed": secrets.randbelow(bodies.contract.max_seed + 1)}
-                )
-            message = JobMessage(
-                job_id=job_id,
-                index=index,
-                api_key_id=key.id,
-                spec=spec,
-                submitted_at=now,
-                topic=topic,
-            )
-            await svc.queue.send(topic, message.key, message.model_dump_json().encode())
+        status, headers = await enqueue(svc, key, parsed, specs, options, claim)
     except BaseException:
-        await svc.jobs.delete(job_id)  # not accepted: the client is told 503, nothing lingers
+        await claim.release()
         raise
-    metrics.JOBS_SUBMITTED.labels(topic).inc(len(specs))
-    status = await svc.jobs.status(job_id)
-    assert status is not None
+    return accepted(status, headers)
+
+
+async def check_callback(svc: Services, key: ApiKey, url: str) -> None:
+    """422 if the callback would reach a non-public address, or the key cannot sign it."""
+    assert svc.callbacks is not None  # the body has no callback_url where callbacks are off
+    if not key.signing_secrets(time.time()):
+        raise Problem(422, "No webhook secret", "this API key has no webhook secret to sign with")
+    try:
+        await svc.callbacks.check_resolved(url)
+    except UnsafeCallback as exc:
+        raise Problem(422, "Callback URL refused", str(exc)) from exc
+
+
+def accepted(status: JobStatus, headers: dict[str, str]) -> Response:
+    """202 with the job's status and its Location."""
     return JSONResponse(
         status.model_dump(mode="json"),
         status_code=202,
-        headers={"Location": f"/v1/jobs/{job_id}", **charge.headers()},
+        headers={"Location": f"/v1/jobs/{status.id}", **headers},
     )
+
+
+async def enqueue(
+    svc: Services,
+    key: ApiKey,
+    parsed: Parsed,
+    specs: list[ImageSpec],
+    options: JobOptions,
+    claim: Claim,
+) -> tuple[JobStatus, dict[str, str]]:
+    """Charge the job, record it (with its Idempotency-Key's result) and send its messages:
+    the job as recorded and the RateLimit headers. If the messages cannot be sent, the job,
+    the key's claim and the charge are all given back, and the client is told 503."""
+    bodies = parsed.bodies
+    tier, topic = topic_for(key, options.priority, Topics(svc.settings.topic_prefix))
+    units = [cost(spec, bodies.contract) for spec in specs]
+    charge = await svc.limiter.charge(key.id, key.tier, sum(units))
+    job_id = new_job_id()
+    now = time.time()
+    messages = [
+        JobMessage(
+            job_id=job_id,
+            index=index,
+            api_key_id=key.id,
+            # The seed is fixed now, so a redelivered item makes the very same image.
+            spec=spec
+            if spec.seed is not None
+            else spec.model_copy(update={"seed": secrets.randbelow(bodies.contract.max_seed + 1)}),
+            submitted_at=now,
+            tier=tier,
+            units=units[index],
+        )
+        for index, spec in enumerate(specs)
+    ]
+    status = await svc.jobs.create(
+        job_id,
+        key.id,
+        messages,
+        tier,
+        getattr(options, "callback_url", None),
+        within=lambda pipe: claim.record(pipe, {"job_id": job_id}),
+    )
+    try:
+        for message in messages:
+            await svc.queue.send(topic, message.key, message.model_dump_json().encode())
+    except BaseException:
+        # Not accepted: nothing lingers. Should Redis fail here too, the job stays recorded
+        # and the sweeper sends it later: a retry with the same Idempotency-Key finds it.
+        await svc.jobs.delete(job_id, within=claim.forget)
+        await svc.limiter.refund(key.id, key.tier, sum(units))
+        raise
+    metrics.JOBS_SUBMITTED.labels(topic).inc(len(specs))
+    return status, charge.headers()
 
 
 @router.post(
@@ -85,9 +150,16 @@ async def submit(svc: Services, key: ApiKey, parsed: Parsed, specs: list[ImageSp
     responses=SUBMIT_ERRORS,
     openapi_extra=contract_body("ImageJobRequest"),
 )
-async def create_job(svc: ServicesDep, key: GenerateKey, parsed: ImageJobBody) -> Response:
+async def create_job(
+    request: Request,
+    svc: ServicesDep,
+    key: GenerateKey,
+    parsed: ImageJobBody,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
     """Queue images; poll the Location, or get a signed callback when they are done."""
-    return await submit(svc, key, parsed, parsed.bodies.image_job_specs(parsed.body))
+    specs = parsed.bodies.image_job_specs(parsed.body)
+    return await submit(request, svc, key, parsed, specs, idempotency_key)
 
 
 @router.post(
@@ -97,9 +169,16 @@ async def create_job(svc: ServicesDep, key: GenerateKey, parsed: ImageJobBody) -
     responses=SUBMIT_ERRORS,
     openapi_extra=contract_body("WeaponJobRequest"),
 )
-async def create_weapon_job(svc: ServicesDep, key: GenerateKey, parsed: WeaponJobBody) -> Response:
+async def create_weapon_job(
+    request: Request,
+    svc: ServicesDep,
+    key: GenerateKey,
+    parsed: WeaponJobBody,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
     """Queue weapons (e.g. variations: the same weapon with neighbouring seeds)."""
-    return await submit(svc, key, parsed, parsed.bodies.weapon_job_specs(parsed.body))
+    specs = parsed.bodies.weapon_job_specs(parsed.body)
+    return await submit(request, svc, key, parsed, specs, idempotency_key)
 
 
 @router.get(

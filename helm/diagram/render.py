@@ -360,7 +360,7 @@ def load_balancer(ingress: dict) -> Component:
         "alb",
         "public",
         "Load Balancer (AWS ALB)",
-        (f"{ingress['scheme']}, target type ip", tls, "health check /readyz"),
+        (f"{ingress['scheme']}, target type ip", tls, "public paths only, health check /readyz"),
         LOAD_BALANCER,
     )
 
@@ -595,11 +595,13 @@ def kafka_cluster(kafka: dict) -> Component:
             f"topic replication {kafka['external']['topicReplication']}",
         )
     else:
+        # As the chart's helpers: replication min(3, brokers), min.insync.replicas one less.
         s = kafka["strimzi"]
+        replication = min(3, s["brokers"])
         details = (
             f"Strimzi, Kafka {s['version']}",
             f"{_plural(s['brokers'], 'broker')} + {s['controllers']} KRaft controllers",
-            f"topic replication {min(2, s['brokers'])}",
+            f"replication {replication}, min.insync.replicas {max(1, replication - 1)}",
         )
     return Component("kafka", "mq", "Apache Kafka Cluster", details, KAFKA)
 
@@ -673,11 +675,13 @@ def data_layer(redis: dict, sc: dict, assets: dict) -> list[Component]:
 
 
 def redis_store(redis: dict) -> Component:
-    """The replicated Redis in the cluster (master and replicas), or ElastiCache."""
+    """The state Redis: replicated in the cluster (master and replicas), or ElastiCache; the
+    result cache runs on a Redis of its own (allkeys-lru)."""
     if redis["mode"] != "replicated":
         details: tuple[str, ...] = (
             "external: ElastiCache Multi-AZ",
-            "cache, job state, rate limits",
+            "job state, keys, limits: noeviction",
+            "result cache: own Redis, allkeys-lru",
         )
     else:
         r = redis["replicated"]
@@ -686,8 +690,8 @@ def redis_store(redis: dict) -> Component:
             f"{r['replicas']} pods: 1 master + {_plural(replicas, 'replica')}"
             if replicas
             else "1 pod: master only, no replica",
-            f"AOF on gp3, maxmemory {r['maxmemory']}",
-            "cache, job state, rate limits",
+            f"job state: noeviction, AOF, {r['maxmemory']}",
+            "result cache: own Redis, allkeys-lru",
         )
     return Component("redis", "data", "Redis (replication)", details, STORAGE)
 

@@ -101,23 +101,34 @@ Kafka bootstrap servers.
 {{- end }}
 
 {{/*
-Replication factor of the Kafka topics: min(2, brokers) on the chart's Strimzi cluster (the
+Replication factor of the Kafka topics: min(3, brokers) on the chart's Strimzi cluster (the
 KafkaTopics and the gateway's own topic creation agree), kafka.external.topicReplication on
 an external cluster.
 */}}
 {{- define "forge.topicReplication" -}}
 {{- if eq .Values.kafka.mode "strimzi" }}
-{{- min 2 (int .Values.kafka.strimzi.brokers) }}
+{{- min 3 (int .Values.kafka.strimzi.brokers) }}
 {{- else }}
 {{- int .Values.kafka.external.topicReplication }}
 {{- end }}
 {{- end }}
 
 {{/*
+min.insync.replicas of the chart's Strimzi cluster: one less than the replication factor, at
+least 1. Replication 3 gives 2: an acknowledged write (acks=all) is on two brokers, and one
+broker may be down without stopping writes. Replication 2 gives 1 (2 would stop every write
+while one broker is down), replication 1 gives 1.
+*/}}
+{{- define "forge.minInsyncReplicas" -}}
+{{- max 1 (sub (int (include "forge.topicReplication" .)) 1) }}
+{{- end }}
+
+{{/*
 Partitions the gateway gives a topic it creates (FORGE_TOPIC_PARTITIONS): the most of any
-topic in kafka.topics. Also checks that kafka.topics and the KEDA lag thresholds name the
-topics the application uses (kafka.topicPrefix + priority, standard, bulk, retry, results,
-dead-letter), so the names cannot drift apart.
+topic in kafka.topics. Also checks that kafka.topics names every topic the application uses
+(gateway/topics.py: kafka.topicPrefix + priority, standard, bulk, each tier's <tier>.retry,
+results, dead-letter) and that the KEDA lag thresholds name only request topics, so the
+names cannot drift apart.
 */}}
 {{- define "forge.topicPartitions" -}}
 {{- $prefix := .Values.kafka.topicPrefix }}
@@ -127,9 +138,9 @@ dead-letter), so the names cannot drift apart.
 {{- $names = append $names .name }}
 {{- $most = max $most (int .partitions) }}
 {{- end }}
-{{- range list "priority" "standard" "bulk" "retry" "results" "dead-letter" }}
+{{- range list "priority" "priority.retry" "standard" "standard.retry" "bulk" "bulk.retry" "results" "dead-letter" }}
 {{- if not (has (printf "%s%s" $prefix .) $names) }}
-{{- fail (printf "kafka.topics has no topic %s%s: the gateway and workers use kafka.topicPrefix (%s) + priority, standard, bulk, retry, results, dead-letter" $prefix . $prefix) }}
+{{- fail (printf "kafka.topics has no topic %s%s: the gateway and workers use kafka.topicPrefix (%s) + priority, priority.retry, standard, standard.retry, bulk, bulk.retry, results, dead-letter" $prefix . $prefix) }}
 {{- end }}
 {{- end }}
 {{- range $topic, $_ := .Values.workers.autoscaling.lagThreshold }}
@@ -141,10 +152,54 @@ dead-letter), so the names cannot drift apart.
 {{- end }}
 
 {{/*
-Name of the Secret holding the webhook signing secret (FORGE_WEBHOOK_SECRET).
+True ("true") when this release runs a Redis of its own (the state Redis, the cache or both):
+they require the password of forge.redisAuthSecret.
 */}}
-{{- define "forge.webhookSecret" -}}
-{{- default (printf "%s-webhook" (include "forge.fullname" .)) .Values.forge.webhooks.existingSecret }}
+{{- define "forge.inClusterRedis" -}}
+{{- if or (eq .Values.redis.mode "replicated") (eq .Values.redis.cache.mode "incluster") }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the in-cluster Redis password (key redis.auth.secretKey).
+*/}}
+{{- define "forge.redisAuthSecret" -}}
+{{- default (printf "%s-redis-auth" (include "forge.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{/*
+An env entry named .name holding the in-cluster Redis password, from its Secret.
+Call with (dict "root" $ "name" "REDIS_PASSWORD").
+*/}}
+{{- define "forge.redisPasswordEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "forge.redisAuthSecret" .root }}
+      key: {{ .root.Values.redis.auth.secretKey }}
+{{- end }}
+
+{{/*
+A list of integers as a JSON list ([80,443]), whether the values came from YAML (floats in
+Helm) or --set (integers).
+*/}}
+{{- define "forge.intList" -}}
+{{- $out := list }}
+{{- range . }}{{ $out = append $out (int .) }}{{ end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/*
+The gateway's public paths, the only ones its Ingress routes: the forge page (exactly /), its
+static files, the API, the assets, the API reference and its OpenAPI document. Never
+/metrics, /healthz or /readyz.
+*/}}
+{{- define "forge.publicPaths" -}}
+- {path: /, pathType: Exact}
+- {path: /static/, pathType: Prefix}
+- {path: /v1/, pathType: Prefix}
+- {path: /assets/, pathType: Prefix}
+- {path: /docs, pathType: Exact}
+- {path: /openapi.json, pathType: Exact}
 {{- end }}
 
 {{/*
@@ -187,9 +242,34 @@ Name of the assets claim.
 {{- end }}
 
 {{/*
+FORGE_CACHE_REDIS_URL: the result cache's own Redis (redis.cache), never the state Redis.
+*/}}
+{{- define "forge.cacheRedisEnv" -}}
+{{- $c := .Values.redis.cache }}
+{{- if eq $c.mode "incluster" }}
+- name: FORGE_CACHE_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s-redis-cache.%s.svc:6379/0" (include "forge.fullname" .) .Release.Namespace | quote }}
+{{- else if $c.external.existingSecret }}
+- name: FORGE_CACHE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $c.external.existingSecret }}
+      key: {{ $c.external.secretKey }}
+{{- else }}
+- name: FORGE_CACHE_REDIS_URL
+  value: {{ required "redis.cache.external.url or redis.cache.external.existingSecret is required when redis.cache.mode is external" $c.external.url | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
 The FORGE_* environment of the gateway and the workers.
 */}}
 {{- define "forge.env" -}}
+{{- if include "forge.inClusterRedis" . -}}
+# The in-cluster Redis password, which Kubernetes puts into FORGE_REDIS_URL and
+# FORGE_CACHE_REDIS_URL below ($(REDIS_PASSWORD)); it must come first.
+{{ include "forge.redisPasswordEnv" (dict "root" . "name" "REDIS_PASSWORD") }}
+{{ end -}}
 - name: FORGE_HOST
   value: "0.0.0.0"
 - name: FORGE_PORT
@@ -198,7 +278,7 @@ The FORGE_* environment of the gateway and the workers.
   value: {{ include "forge.tritonGrpcUrl" . | quote }}
 {{- if eq .Values.redis.mode "replicated" }}
 - name: FORGE_REDIS_URL
-  value: {{ printf "redis://%s-redis-master.%s.svc:6379/0" (include "forge.fullname" .) .Release.Namespace | quote }}
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s-redis-master.%s.svc:6379/0" (include "forge.fullname" .) .Release.Namespace | quote }}
 {{- else if .Values.redis.external.existingSecret }}
 - name: FORGE_REDIS_URL
   valueFrom:
@@ -209,6 +289,7 @@ The FORGE_* environment of the gateway and the workers.
 - name: FORGE_REDIS_URL
   value: {{ required "redis.external.url or redis.external.existingSecret is required when redis.mode is external" .Values.redis.external.url | quote }}
 {{- end }}
+{{- include "forge.cacheRedisEnv" . }}
 - name: FORGE_KAFKA_BOOTSTRAP
   value: {{ include "forge.kafkaBootstrap" . | quote }}
 # Kafka settings from the chart's own values (topics, KEDA triggers, PodMonitor), so the
@@ -231,12 +312,14 @@ The FORGE_* environment of the gateway and the workers.
   value: {{ int .Values.workers.maxPollIntervalMs | quote }}
 - name: FORGE_SESSION_TIMEOUT_MS
   value: {{ int .Values.workers.sessionTimeoutMs | quote }}
-# Signs job callbacks (Standard Webhooks, whsec_...).
-- name: FORGE_WEBHOOK_SECRET
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "forge.webhookSecret" . }}
-      key: {{ .Values.forge.webhooks.secretKey }}
+# Callbacks (each API key signs its own with its webhook secret): on or off, the ports and
+# the internal networks a callback URL may use; the workers' NetworkPolicy follows them.
+- name: FORGE_CALLBACKS
+  value: {{ .Values.forge.callbacks.enabled | quote }}
+- name: FORGE_CALLBACK_PORTS
+  value: {{ include "forge.intList" .Values.forge.callbacks.ports | quote }}
+- name: FORGE_CALLBACK_ALLOW_NETWORKS
+  value: {{ toJson .Values.forge.callbacks.allowNetworks | quote }}
 {{- if eq .Values.forge.assets.mode "s3" }}
 - name: FORGE_ASSET_S3_BUCKET
   value: {{ required "forge.assets.s3.bucket is required when forge.assets.mode is s3" .Values.forge.assets.s3.bucket | quote }}
@@ -256,13 +339,140 @@ The FORGE_* environment of the gateway and the workers.
 - name: FORGE_WEAPON_TEMPLATES
   value: /etc/forge/weapon-templates/weapon-templates.yaml
 {{- end }}
-{{- $managed := list "FORGE_HOST" "FORGE_PORT" "FORGE_TRITON_GRPC_URL" "FORGE_REDIS_URL" "FORGE_KAFKA_BOOTSTRAP" "FORGE_TOPIC_PREFIX" "FORGE_TOPIC_PARTITIONS" "FORGE_TOPIC_REPLICATION" "FORGE_KAFKA_IDEMPOTENCE" "FORGE_CONSUMER_GROUP" "FORGE_WORKER_METRICS_PORT" "FORGE_WORKER_CONCURRENCY" "FORGE_MAX_POLL_INTERVAL_MS" "FORGE_SESSION_TIMEOUT_MS" "FORGE_WEBHOOK_SECRET" "FORGE_ASSET_S3_BUCKET" "FORGE_ASSET_S3_PREFIX" "FORGE_ASSET_DIR" "FORGE_PUBLIC_BASE_URL" "FORGE_API_KEYS_FILE" "FORGE_WEAPON_TEMPLATES" }}
+{{- $managed := list "FORGE_HOST" "FORGE_PORT" "FORGE_TRITON_GRPC_URL" "FORGE_REDIS_URL" "FORGE_CACHE_REDIS_URL" "FORGE_KAFKA_BOOTSTRAP" "FORGE_TOPIC_PREFIX" "FORGE_TOPIC_PARTITIONS" "FORGE_TOPIC_REPLICATION" "FORGE_KAFKA_IDEMPOTENCE" "FORGE_CONSUMER_GROUP" "FORGE_WORKER_METRICS_PORT" "FORGE_WORKER_CONCURRENCY" "FORGE_MAX_POLL_INTERVAL_MS" "FORGE_SESSION_TIMEOUT_MS" "FORGE_CALLBACKS" "FORGE_CALLBACK_PORTS" "FORGE_CALLBACK_ALLOW_NETWORKS" "FORGE_FORWARDED_ALLOW_IPS" "FORGE_ASSET_S3_BUCKET" "FORGE_ASSET_S3_PREFIX" "FORGE_ASSET_DIR" "FORGE_PUBLIC_BASE_URL" "FORGE_API_KEYS_FILE" "FORGE_WEAPON_TEMPLATES" }}
 {{- range $name, $value := .Values.forge.extraEnv }}
+{{- if eq $name "FORGE_WEBHOOK_SECRET" }}
+{{- fail "forge.extraEnv.FORGE_WEBHOOK_SECRET: there is no deployment-wide webhook secret; each API key signs its callbacks with its own (POST /v1/admin/keys returns it, a keys-file entry may carry it as webhook_secret; docs/deploy.md)" }}
+{{- end }}
 {{- if has $name $managed }}
 {{- fail (printf "forge.extraEnv.%s: the chart sets %s from its own values (see values.yaml); set that value instead" $name $name) }}
 {{- end }}
 - name: {{ $name }}
   value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Why the gateway and the workers read a Secret through env (checkov CKV_K8S_35), or "" when
+they read none that way.
+*/}}
+{{- define "forge.appSecretEnv" -}}
+{{- $stateSecret := and (eq .Values.redis.mode "external") .Values.redis.external.existingSecret }}
+{{- $cacheSecret := and (eq .Values.redis.cache.mode "external") .Values.redis.cache.external.existingSecret }}
+{{- if or (include "forge.inClusterRedis" .) $stateSecret $cacheSecret -}}
+The Redis password (REDIS_PASSWORD, which Kubernetes puts into FORGE_REDIS_URL and FORGE_CACHE_REDIS_URL) or an external Redis URL with its AUTH token comes from a Secret as an env var because the gateway and workers read their settings only from FORGE_* variables; the API keys are mounted as a file
+{{- end }}
+{{- end }}
+
+{{/*
+The private ranges the internet egress rule leaves out: RFC 1918, link-local (the instance
+metadata service), carrier-grade NAT (EKS custom networking), loopback; for IPv6 unique local
+and link-local. What a pod reaches there is named by its own rule.
+*/}}
+{{- define "forge.privateRanges" -}}
+[10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 169.254.0.0/16, 100.64.0.0/10, 127.0.0.0/8]
+{{- end }}
+
+{{/*
+Egress rules of the gateway and the workers: DNS, the Kafka brokers, the two Redis, Triton's
+gRPC port, networkPolicy.externalServices; the public internet only on the ports that need it
+(the workers' callback ports, 443 for S3 and STS with assets on S3), and the callbacks'
+allowNetworks on the callback ports. Call with (dict "root" $ "callbacks" true) for the
+workers, false for the gateway.
+*/}}
+{{- define "forge.appEgress" -}}
+{{- $v := .root.Values }}
+{{- $np := $v.networkPolicy }}
+{{- $external := or (eq $v.kafka.mode "external") (eq $v.redis.mode "external") (eq $v.redis.cache.mode "external") }}
+{{- if and $external (not $np.externalServices) }}
+{{- fail "networkPolicy.externalServices must name the CIDRs and ports of the external Kafka or Redis (kafka.mode or a redis mode is external): the gateway's and workers' egress is closed to private addresses otherwise" }}
+{{- end -}}
+# DNS: the cluster's resolver.
+- to:
+    - namespaceSelector:
+        {{- toYaml $np.dns.namespaceSelector | nindent 8 }}
+      podSelector:
+        {{- toYaml $np.dns.podSelector | nindent 8 }}
+  ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+{{- if eq $v.kafka.mode "strimzi" }}
+# The Kafka brokers: the bootstrap Service and each broker, on the plain listener.
+- to:
+    - podSelector:
+        matchLabels:
+          strimzi.io/cluster: {{ include "forge.fullname" .root }}
+          strimzi.io/broker-role: "true"
+  ports:
+    - {port: 9092, protocol: TCP}
+{{- end }}
+{{- if eq $v.redis.mode "replicated" }}
+# The state Redis.
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "forge.selectorLabels" (dict "root" .root "component" "redis") | nindent 10 }}
+  ports:
+    - {port: 6379, protocol: TCP}
+{{- end }}
+{{- if eq $v.redis.cache.mode "incluster" }}
+# The cache Redis.
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "forge.selectorLabels" (dict "root" .root "component" "redis-cache") | nindent 10 }}
+  ports:
+    - {port: 6379, protocol: TCP}
+{{- end }}
+# Triton, gRPC only.
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "forge.selectorLabels" (dict "root" .root "component" "triton") | nindent 10 }}
+  ports:
+    - {port: {{ int $v.triton.service.grpcPort }}, protocol: TCP}
+{{- range $np.externalServices }}
+# An external service (networkPolicy.externalServices).
+- to:
+    - ipBlock: {cidr: {{ .cidr }}}
+  ports:
+    {{- range .ports }}
+    - {port: {{ int . }}, protocol: TCP}
+    {{- end }}
+{{- end }}
+{{- $ports := list }}
+{{- if and .callbacks $v.forge.callbacks.enabled }}
+{{- range $v.forge.callbacks.ports }}{{ $ports = append $ports (int .) }}{{ end }}
+{{- with $v.forge.callbacks.allowNetworks }}
+# Internal callback receivers admitted on purpose (forge.callbacks.allowNetworks).
+- to:
+    {{- range . }}
+    - ipBlock: {cidr: {{ . }}}
+    {{- end }}
+  ports:
+    {{- range $ports }}
+    - {port: {{ . }}, protocol: TCP}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- if eq $v.forge.assets.mode "s3" }}{{ $ports = append $ports 443 }}{{ end }}
+{{- $ports = uniq $ports }}
+{{- if $ports }}
+# The public internet, private ranges left out, on these ports only: {{ if .callbacks }}callbacks
+# (forge.callbacks.ports){{ if eq $v.forge.assets.mode "s3" }} and {{ end }}{{ end }}{{ if eq $v.forge.assets.mode "s3" }}S3 and STS (IRSA) on 443{{ end }}.
+- to:
+    - ipBlock:
+        cidr: 0.0.0.0/0
+        except: {{ include "forge.privateRanges" .root }}
+    {{- if $np.ipv6 }}
+    - ipBlock:
+        cidr: ::/0
+        except: [fc00::/7, fe80::/10]
+    {{- end }}
+  ports:
+    {{- range $ports }}
+    - {port: {{ . }}, protocol: TCP}
+    {{- end }}
 {{- end }}
 {{- end }}
 
@@ -344,7 +554,8 @@ podAntiAffinity:
 {{/*
 checkov skips for a workload, each with its reason, rendered only while the condition that
 fails the check holds (a digest set, pullPolicy Always or no secret in env make the skip go
-away). Call with (dict "root" $ "images" (list .Values.images.gateway) "secretEnv" true).
+away). "secretEnv" is the reason a container reads a Secret through env (empty: none does).
+Call with (dict "root" $ "images" (list .Values.images.gateway) "secretEnv" "...").
 */}}
 {{- define "forge.checkovSkips" -}}
 {{- $skips := list }}
@@ -361,7 +572,7 @@ away). Call with (dict "root" $ "images" (list .Values.images.gateway) "secretEn
 {{- $skips = append $skips "CKV_K8S_15=Tags are immutable, so IfNotPresent pulls the same image; it spares a registry round trip for the multi-GB Triton image and lets pods restart during a registry outage" }}
 {{- end }}
 {{- if .secretEnv }}
-{{- $skips = append $skips "CKV_K8S_35=FORGE_WEBHOOK_SECRET (and FORGE_REDIS_URL with an external Redis AUTH token) come from Secrets as env vars because the gateway and workers read their settings only from FORGE_* variables; the API keys are mounted as a file" }}
+{{- $skips = append $skips (printf "CKV_K8S_35=%s" .secretEnv) }}
 {{- end }}
 {{- range $i, $skip := $skips }}
 checkov.io/skip{{ add1 $i }}: {{ $skip | quote }}

@@ -3,7 +3,9 @@
 All the work is in `sd_pipeline` (which never imports Triton). Here: hand the model config to
 the core, turn each request's rows into `GenerationRequest`s holding only the inputs that
 arrived (the core fills in the rest from the generation contract), map errors to typed
-`TritonError`s, and answer every request exactly once.
+`TritonError`s, and answer every request exactly once. A request whose rows span batches (a
+static batch of mixed sizes) fails if any of its rows failed; the other requests of the
+execution get their images.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from sd_pipeline import StableDiffusionCore
+from sd_pipeline import Outcome, RowFailure, StableDiffusionCore
 from sd_requests import GenerationRequest, InvalidRequest, Row
 
 
@@ -106,29 +108,35 @@ class TritonPythonModel:
                 )
         all_rows = [row for _, rows in accepted for row in rows]
         try:
-            images = self.core.generate(all_rows)
-        except Exception as exc:  # a failed execution fails its requests, not the server
-            pb_utils.Logger.log_error(f"stable_diffusion: generation failed: {exc!r}")
-            error = pb_utils.TritonError(f"generation failed: {exc}", pb_utils.TritonError.INTERNAL)
-            for n, _ in accepted:
-                responses[n] = pb_utils.InferenceResponse(error=error)
-            return responses
+            outcomes = self.core.generate_outcomes(all_rows)
+        except Exception as exc:  # outside any one batch: fails every request, not the server
+            outcomes = [RowFailure("the execution", exc)] * len(all_rows)
+        for failure in {id(o): o for o in outcomes if isinstance(o, RowFailure)}.values():
+            pb_utils.Logger.log_error(f"stable_diffusion: generation failed: {failure}")
         offset = 0
         for n, rows in accepted:
-            mine = images[offset : offset + len(rows)]
+            responses[n] = _response(rows, outcomes[offset : offset + len(rows)])
             offset += len(rows)
-            images_of_request = [image for image in mine if image is not None]
-            if len(images_of_request) < len(mine):
-                responses[n] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
-                )
-                continue
-            responses[n] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor("generated_image", np.stack(images_of_request)),
-                    pb_utils.Tensor(
-                        "seed", np.array([[r.request.seed] for r in rows], dtype=np.int64)
-                    ),
-                ]
-            )
         return responses
+
+
+def _response(rows: list[Row], outcomes: list[Outcome]) -> Any:
+    """One request's response: INTERNAL naming each failure of its rows, else CANCELLED
+    where a row was cancelled, else its images and seeds."""
+    failures = list(dict.fromkeys(str(o) for o in outcomes if isinstance(o, RowFailure)))
+    if failures:
+        message = f"generation failed: {'; '.join(failures)}"
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+        )
+    images = [o for o in outcomes if isinstance(o, np.ndarray)]
+    if len(images) < len(outcomes):
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
+        )
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("generated_image", np.stack(images)),
+            pb_utils.Tensor("seed", np.array([[r.request.seed] for r in rows], dtype=np.int64)),
+        ]
+    )

@@ -1,8 +1,14 @@
 """The Stable Diffusion pipeline core: tokenizer, text encoder, denoising loop, VAE decoder.
 
-Runs without Triton. Rows that share scheduler, steps and size are denoised together, one
-UNet call per step for the whole group; every row keeps its own scheduler state and random
-generator, so a row's image never depends on its batch mates.
+Runs without Triton. Rows that share scheduler, steps and size (a group) are denoised
+together, one UNet call per step for the whole group, or for each batch of it when the group
+exceeds the config's `max_batch_pixels`; every row keeps its own scheduler state and random
+generator, so a row's image never depends on its batch mates or on how its group was split.
+
+A batch that fails (an exception in a network or a scheduler) fails only its own rows:
+`generate_outcomes` gives each row its image, None where the row was cancelled, or the
+`RowFailure` of its batch, and every other batch still runs. `generate` is the all-or-error
+form of it, for callers that want every image or an exception.
 
 Components take and return torch tensors on their device (`sd_runtimes`): on a GPU runtime
 the embeddings, latents, scheduler steps and the decoded image stay in GPU memory from the
@@ -16,27 +22,84 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
-from sd_contract import GenerationContract
+from sd_contract import ConfigError, GenerationContract
 from sd_engines import uncovered
-from sd_requests import GenerationRequest, InvalidRequest, Row, make_row
-from sd_runtimes import Component, RuntimeSettings, load_components
+from sd_requests import SCHEDULERS, GenerationRequest, InvalidRequest, Row, make_row
+from sd_runtimes import Component, RuntimeSettings, load_components, positive_integer
 from sd_weights import Shape, input_shapes, load_manifest
 from transformers import CLIPTokenizer
+
+
+@dataclass(frozen=True)
+class RowFailure:
+    """Why a row has no image: the batch it was denoised in (`group`, in words) raised
+    `error`. Every row of that batch holds the same RowFailure."""
+
+    group: str
+    error: Exception
+
+    def __str__(self) -> str:
+        return f"{self.group}: {type(self.error).__name__}: {self.error}"
+
+
+# One row's outcome: its HxWx3 uint8 image, None where it was cancelled, or its failure.
+Outcome: TypeAlias = "np.ndarray | RowFailure | None"
+
+
+class GenerationFailed(RuntimeError):
+    """`generate` when a row failed: names the first failure, its exception chained."""
+
+
+def pack(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """The indices of `costs` in the fewest bins of total cost at most `budget`, where an
+    item over the budget has a bin of its own; each bin lists its indices in order.
+
+    First fit, costliest first (ties in order): the fewest bins for a group's costs, which
+    are one value and twice it (unguided and guided rows of one size).
+    """
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        fit = next((b for b, load in enumerate(loads) if load + costs[i] <= budget), None)
+        if fit is None:
+            bins.append([i])
+            loads.append(costs[i])
+        else:
+            bins[fit].append(i)
+            loads[fit] += costs[i]
+    return [sorted(b) for b in bins]
+
+
+def check_step_range(contract: GenerationContract, scheduler_config: dict[str, Any]) -> None:
+    """Refuse a contract whose step range an offered scheduler cannot take (LCM takes at
+    most its `original_inference_steps`), so that every request within the contract's
+    bounds is one the model serves: the gateway checks those bounds and nothing more."""
+    for name in contract.schedulers:
+        for steps in (contract.min_steps, contract.max_steps):
+            try:
+                SCHEDULERS[name](scheduler_config).set_timesteps(steps)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"model config offers scheduler {name}, which cannot take {steps} steps "
+                    f"({exc}): lower max_steps, or do not offer {name}"
+                ) from exc
 
 
 class StableDiffusionCore:
     """The model: weights, contract and runtime from the model config, images from requests.
 
     `parameters` are the model config's parameters as Triton passes them (strings):
-    the generation contract (`sd_contract`), the values copied from the weights' manifest
-    and the runtime settings (`sd_runtimes.RuntimeSettings`); `max_batch_size` is the
-    config's. Loading refuses, naming the file or parameter, weights that do not match
-    `weights.schema.json` and a config that is incomplete, inconsistent or made for other
-    weights.
+    the generation contract (`sd_contract`), the values copied from the weights' manifest,
+    the runtime settings (`sd_runtimes.RuntimeSettings`) and `max_batch_pixels` (the most
+    UNet pixels of one batch, see `batches`); `max_batch_size` is the config's. Loading
+    refuses, naming the file or parameter, weights that do not match `weights.schema.json`
+    and a config that is incomplete, inconsistent or made for other weights.
     """
 
     def __init__(
@@ -45,10 +108,12 @@ class StableDiffusionCore:
         self.manifest = load_manifest(weights)
         self.contract = GenerationContract.from_config(parameters, self.manifest, max_batch_size)
         self.settings = RuntimeSettings.from_config(parameters)
+        self.max_batch_pixels = positive_integer(parameters, "max_batch_pixels")
         self.tokenizer = CLIPTokenizer.from_pretrained(weights / self.manifest["tokenizer"])
         self.scheduler_config = json.loads(
             (weights / self.manifest["scheduler_config"]).read_text()
         )
+        check_step_range(self.contract, self.scheduler_config)
         self.components: dict[str, Component] = load_components(
             weights,
             self.manifest,
@@ -119,18 +184,53 @@ class StableDiffusionCore:
         ).values()
         return shape
 
-    @torch.inference_mode()  # every tensor alike, so a compiled UNet's guards hold
-    def generate(self, rows: Sequence[Row]) -> list[np.ndarray | None]:
-        """One HxWx3 uint8 image per row, or None where the row was cancelled."""
+    def batches(self, rows: Sequence[Row]) -> list[list[int]]:
+        """How `generate_outcomes` runs `rows`: lists of row indices, each denoised together
+        (one UNet call per step) and decoded together.
+
+        Rows share a batch only when they share scheduler, steps and size (a group; groups
+        in order of first appearance). A group is split so that no batch holds more than
+        `max_batch_pixels` of UNet pixels (`ResolvedRequest.unet_pixels`: a guided row counts
+        twice); a row over the budget by itself is a batch of its own.
+        """
         groups: dict[tuple[str, int, int, int], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             groups[row.request.group_key].append(i)
-        images: list[np.ndarray | None] = [None] * len(rows)
-        for indices in groups.values():
-            for i, image in zip(
-                indices, self._generate_group([rows[i] for i in indices]), strict=True
-            ):
-                images[i] = image
+        return [
+            [indices[j] for j in part]
+            for indices in groups.values()
+            for part in pack([rows[i].request.unet_pixels for i in indices], self.max_batch_pixels)
+        ]
+
+    @torch.inference_mode()  # every tensor alike, so a compiled UNet's guards hold
+    def generate_outcomes(self, rows: Sequence[Row]) -> list[Outcome]:
+        """Per row, in order: its HxWx3 uint8 image; None where it was cancelled; or the
+        `RowFailure` of its batch where running that batch raised. A failure touches only
+        the rows of its batch: every other batch, of its group or another, still runs."""
+        outcomes: list[Outcome] = [None] * len(rows)
+        for indices in self.batches(rows):
+            batch = [rows[i] for i in indices]
+            results: list[Outcome]
+            try:
+                results = list(self._generate_batch(batch))
+            except Exception as exc:  # this batch's rows fail; the other batches run
+                # Without its traceback the error holds no frame, so none of the failed
+                # batch's tensors (GPU memory, after an out-of-memory error) outlive it.
+                failure = RowFailure(batch[0].request.describe_group(), exc.with_traceback(None))
+                results = [failure] * len(batch)
+            for i, outcome in zip(indices, results, strict=True):
+                outcomes[i] = outcome
+        return outcomes
+
+    def generate(self, rows: Sequence[Row]) -> list[np.ndarray | None]:
+        """One HxWx3 uint8 image per row, or None where the row was cancelled; raises
+        GenerationFailed, naming the first failure, where any row failed (the other
+        batches ran all the same)."""
+        images: list[np.ndarray | None] = []
+        for outcome in self.generate_outcomes(rows):
+            if isinstance(outcome, RowFailure):
+                raise GenerationFailed(f"generation failed: {outcome}") from outcome.error
+            images.append(outcome)
         return images
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
@@ -143,7 +243,9 @@ class StableDiffusionCore:
         ).input_ids
         return self.components["text_encoder"](torch.from_numpy(ids.astype(np.int64)))
 
-    def _generate_group(self, rows: list[Row]) -> list[np.ndarray | None]:
+    def _generate_batch(self, rows: list[Row]) -> list[np.ndarray | None]:
+        """Denoise and decode one batch (rows of one group): an image per row, None where
+        the row was cancelled."""
         latent_shape = self._latent_shape(rows[0].request.height, rows[0].request.width)
         texts = [r.request.prompt for r in rows] + [
             r.request.negative_prompt for r in rows if r.request.guided

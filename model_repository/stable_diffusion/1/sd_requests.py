@@ -81,6 +81,16 @@ class ResolvedRequest:
         """Rows with the same key can share every UNet call."""
         return (self.scheduler, self.steps, self.height, self.width)
 
+    @property
+    def unet_pixels(self) -> int:
+        """What this row costs a UNet call, against the model's max_batch_pixels: width x
+        height, twice when guided (the UNet sees the row with and without the prompt)."""
+        return (2 if self.guided else 1) * self.width * self.height
+
+    def describe_group(self) -> str:
+        """The group in words, for messages: `euler, 25 steps, 512x512`."""
+        return f"{self.scheduler}, {self.steps} steps, {self.width}x{self.height}"
+
 
 @dataclass
 class Row:

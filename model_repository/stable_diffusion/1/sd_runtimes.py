@@ -44,6 +44,17 @@ RUNTIMES = ("onnxruntime", "onnxruntime_cuda", "torch", "tensorrt")
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def positive_integer(parameters: Mapping[str, str], name: str) -> int:
+    """The config parameter `name` as an integer of at least 1; ConfigError names it when
+    it is missing or anything else."""
+    if name not in parameters:
+        raise ConfigError(f"model config parameter {name} is missing")
+    value = parameters[name]
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise ConfigError(f"model config parameter {name} {value!r} is not a positive integer")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """How the networks run: from the model config's parameters `runtime`,
@@ -59,12 +70,8 @@ class RuntimeSettings:
         for name in ("runtime", "intra_op_threads", "torch_compile"):
             if name not in parameters:
                 raise ConfigError(f"model config parameter {name} is missing")
-        threads = parameters["intra_op_threads"]
-        if not threads.isdigit() or int(threads) < 1:
-            raise ConfigError(
-                f"model config parameter intra_op_threads {threads!r} is not a positive integer"
-            )
-        return cls(parameters["runtime"], int(threads), parameters["torch_compile"])
+        threads = positive_integer(parameters, "intra_op_threads")
+        return cls(parameters["runtime"], threads, parameters["torch_compile"])
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:

@@ -22,7 +22,7 @@ help:
 	@echo "make up      start Triton on the tiny CPU model and write a first weapon image"
 	@echo "make down    stop what make up started"
 	@echo "make test    run every test (starts its own services on free ports)"
-	@echo "make bench   CPU benchmarks: Triton vs. in-process, gateway and jobs vs. Triton"
+	@echo "make bench   CPU benchmarks: Triton vs. in-process, gateway and jobs vs. Triton, streaming vs. JSON"
 	@echo "make soak    load while services are killed and restarted (SOAK_S=600 seconds)"
 	@echo "make lint    ruff, import boundaries, mypy, GitHub workflows and Dockerfiles"
 	@echo "make diagram docs/images/architecture.svg and .png from the chart's values and perf/RESULTS.md"
@@ -79,6 +79,7 @@ test: $(VENV)/.installed
 bench: $(WEIGHTS)
 	$(PY) perf/bench_triton.py
 	$(PY) perf/bench_gateway.py
+	$(PY) perf/bench_stream.py
 
 # Sync and job load for SOAK_S seconds while Triton, Redis, the broker, a worker and the
 # gateway are killed and started again, then a drain; perf/results/soak.json (perf/soak.py).
@@ -87,6 +88,7 @@ soak: $(WEIGHTS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
 	# Known vulnerabilities of the installed dependency set, offline (.ci/audit_dependencies.py).
 	$(PY) .ci/audit_dependencies.py check

@@ -10,6 +10,11 @@ weights fix (`size_multiple`, `default_size`, `max_prompt_tokens`), so clients r
 from Triton's model config. The ONNX export writes it too; a Kubernetes init container
 rewrites it with the node's settings. The model refuses a config whose copies differ from
 its weights.
+
+A model folder beside it whose config.pbtxt names it in `streams_model` (the streaming
+model: the same code and weights under a decoupled policy) gets its exported config written
+at the same time: this model's exported config with that folder's name, transaction policy,
+extra inputs, outputs and parameters, so that both serve one generation contract.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from export.errors import ExportError
 from export.weights_schema import WeightsSchema
 
 EXPORTED_CONFIG = "exported"
+STREAMS_MODEL = "streams_model"
 INSTANCE_KINDS = {"KIND_CPU", "KIND_GPU"}
 
 
@@ -97,13 +103,52 @@ def write_exported_config(model_dir: Path, overrides: ConfigOverrides | None = N
     config = (overrides or ConfigOverrides()).apply(read_config(model_dir / "config.pbtxt"))
     for key, value in copied.items():
         config.parameters[key].string_value = value
-    target = model_dir / "configs" / f"{EXPORTED_CONFIG}.pbtxt"
-    target.parent.mkdir(exist_ok=True)
-    scratch = target.with_suffix(f".{uuid.uuid4().hex}")
     header = (
         "# Written by `python -m export config`: config.pbtxt + overrides + the values copied "
         "from the weights' manifest.\n"
     )
+    target = _write(model_dir, header, config)
+    for streaming_dir, streaming in streaming_models(model_dir):
+        _write(
+            streaming_dir,
+            f"# Written by `python -m export config`: {model_dir.name}'s exported config with "
+            "what config.pbtxt here adds.\n",
+            streaming_config(config, streaming),
+        )
+    return target
+
+
+def streaming_models(model_dir: Path) -> list[tuple[Path, model_config_pb2.ModelConfig]]:
+    """The model folders beside `model_dir` whose config names it in `streams_model`."""
+    found = []
+    for path in sorted(model_dir.parent.glob("*/config.pbtxt")):
+        config = read_config(path)
+        if config_parameters(config).get(STREAMS_MODEL) == model_dir.name:
+            found.append((path.parent, config))
+    return found
+
+
+def streaming_config(
+    exported: model_config_pb2.ModelConfig, streaming: model_config_pb2.ModelConfig
+) -> model_config_pb2.ModelConfig:
+    """The streaming model's config: `exported` (inputs, outputs, batching, instances,
+    contract) with `streaming`'s name, transaction policy, inputs, outputs and parameters."""
+    config = model_config_pb2.ModelConfig()
+    config.CopyFrom(exported)
+    config.name = streaming.name
+    config.model_transaction_policy.CopyFrom(streaming.model_transaction_policy)
+    config.input.extend(streaming.input)
+    config.output.extend(streaming.output)
+    for key, value in streaming.parameters.items():
+        config.parameters[key].CopyFrom(value)
+    return config
+
+
+def _write(model_dir: Path, header: str, config: model_config_pb2.ModelConfig) -> Path:
+    """configs/exported.pbtxt in `model_dir`, replaced at once."""
+    target = model_dir / "configs" / f"{EXPORTED_CONFIG}.pbtxt"
+    target.parent.mkdir(exist_ok=True)
+    scratch = target.with_suffix(f".{uuid.uuid4().hex}")
     scratch.write_text(header + text_format.MessageToString(config))
     os.replace(scratch, target)
     return target

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ from gateway.assets import AssetStore
 from gateway.cache import ResultCache
 from gateway.contract import ContractBook
 from gateway.schemas import ImageResult, ImageSpec, ModelInfo, Timings
-from gateway.triton_client import AsyncTriton, ImageParams, ModelError
+from gateway.triton_client import AsyncTriton, ImageParams, ModelError, Progress
 
 PNG_LEVEL = 1
 
@@ -91,12 +93,35 @@ class Generator:
 
     async def generate(self, spec: ImageSpec, *, source: str) -> ImageResult:
         """Call Triton, store the image, remember it in the cache."""
+        async with aclosing(self.generation(spec, source=source)) as events:
+            async for event in events:
+                if isinstance(event, ImageResult):
+                    return event
+        raise AssertionError("a generation ends with its result or an exception")
+
+    async def generation(
+        self, spec: ImageSpec, *, source: str, preview_every: int | None = None
+    ) -> AsyncGenerator[Progress | ImageResult, None]:
+        """The image of `spec`, stored and cached, as the last event; streamed from the
+        model (`preview_every` not None: a Progress after every step, with a preview every
+        `preview_every` steps, 0 for none) or in one call. Closing the iteration early
+        cancels the model's work."""
         start = time.perf_counter()
         outcome = "error"
         try:
             model = self.model()
             try:
-                (image,) = await self.triton.generate([triton_params(spec)])
+                if preview_every is None:
+                    (image,) = await self.triton.generate([triton_params(spec)])
+                else:
+                    async with aclosing(
+                        self.triton.stream(triton_params(spec), preview_every)
+                    ) as stream:
+                        async for event in stream:
+                            if isinstance(event, Progress):
+                                yield event
+                            else:
+                                image = event
             except ModelError as exc:
                 metrics.TRITON_ERRORS.labels(exc.status or type(exc).__name__).inc()
                 outcome = exc.outcome
@@ -127,9 +152,10 @@ class Generator:
                 result.model_dump(exclude={"cached", "timings"}),
             )
             outcome = "success"
-            return result
-        except asyncio.CancelledError:
-            outcome = "cancelled"
+            yield result
+        except (asyncio.CancelledError, GeneratorExit):
+            if outcome != "success":  # closed after its result is not a cancellation
+                outcome = "cancelled"
             raise
         finally:
             metrics.GENERATION_SECONDS.labels(source, outcome).observe(time.perf_counter() - start)

@@ -24,6 +24,16 @@ DEPENDENCY_UP = Gauge(
     "1 when the gateway's last check of a dependency (triton, redis, broker) succeeded",
     ["dependency"],
 )
+OPEN_STREAMS = Gauge("forge_open_streams", "Server-sent event streams of generations open now")
+FIRST_PREVIEW_SECONDS = Histogram(
+    "forge_time_to_first_preview_seconds",
+    "Time from a streamed request's arrival to its first preview event",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30),
+)
+STREAMS_CANCELLED = Counter(
+    "forge_streams_cancelled_total",
+    "Streamed generations stopped because the client disconnected",
+)
 TRITON_ERRORS = Counter("forge_triton_errors_total", "Failed Triton calls by status", ["status"])
 
 # Kafka workers (served on the worker's metrics port, 9300 by default)

@@ -45,9 +45,9 @@ class Problem(Exception):
         self.headers = headers or {}
         self.extra = extra
 
-    def response(self, instance: str) -> JSONResponse:
-        """The problem details response, `instance` being the request's path."""
-        body = {
+    def body(self, instance: str) -> dict[str, Any]:
+        """The problem details, `instance` being the request's path."""
+        return {
             "type": "about:blank",
             "title": self.title,
             "status": self.status,
@@ -55,8 +55,14 @@ class Problem(Exception):
             "instance": instance,
             **self.extra,
         }
+
+    def response(self, instance: str) -> JSONResponse:
+        """The problem details response, `instance` being the request's path."""
         return JSONResponse(
-            body, status_code=self.status, headers=self.headers, media_type=PROBLEM_JSON
+            self.body(instance),
+            status_code=self.status,
+            headers=self.headers,
+            media_type=PROBLEM_JSON,
         )
 
 
@@ -77,12 +83,33 @@ def from_model(exc: ModelError, retry_after_s: int) -> Problem:
     return Problem(502, "Image generation failed", exc.message)
 
 
+# The errors `as_problem` maps to a client-facing status other than 500.
+MAPPED = (Problem, ModelError, UnknownContract, StoreUnavailable, QueueUnavailable, RedisError)
+
+
+def as_problem(exc: Exception, instance: str, retry_after_s: int) -> Problem:
+    """Any error raised while serving `instance` (a path) as the problem the client sees:
+    a dependency away is 503 with Retry-After, anything unforeseen 500 (and logged)."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, ModelError):
+        return from_model(exc, retry_after_s)
+    if isinstance(exc, UnknownContract):
+        return unavailable(str(exc), retry_after_s)
+    if isinstance(exc, StoreUnavailable):
+        log.warning("asset store unavailable on %s: %s", instance, exc)
+        return unavailable("the asset store is unavailable", retry_after_s)
+    if isinstance(exc, QueueUnavailable):
+        return unavailable(f"the job queue is unavailable ({exc})", retry_after_s)
+    if isinstance(exc, RedisError):
+        log.warning("redis unavailable on %s: %r", instance, exc)
+        return unavailable(f"state store unavailable ({type(exc).__name__})", retry_after_s)
+    log.error("unhandled error on %s", instance, exc_info=exc)
+    return Problem(500, "Internal Server Error", "an unexpected error; it was logged")
+
+
 def install(app: FastAPI, retry_after_s: int) -> None:
     """Register the handlers that turn every error into problem details."""
-
-    @app.exception_handler(Problem)
-    async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -100,39 +127,13 @@ def install(app: FastAPI, retry_after_s: int) -> None:
         )
         return problem.response(request.url.path)
 
-    @app.exception_handler(ModelError)
-    async def _model(request: Request, exc: ModelError) -> JSONResponse:
-        return from_model(exc, retry_after_s).response(request.url.path)
+    async def _mapped(request: Request, exc: Exception) -> JSONResponse:
+        return as_problem(exc, request.url.path, retry_after_s).response(request.url.path)
 
-    @app.exception_handler(UnknownContract)
-    async def _no_contract(request: Request, exc: UnknownContract) -> JSONResponse:
-        return unavailable(str(exc), retry_after_s).response(request.url.path)
-
-    @app.exception_handler(StoreUnavailable)
-    async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        log.warning("asset store unavailable on %s: %s", request.url.path, exc)
-        return unavailable("the asset store is unavailable", retry_after_s).response(
-            request.url.path
-        )
-
-    @app.exception_handler(QueueUnavailable)
-    async def _queue(request: Request, exc: QueueUnavailable) -> JSONResponse:
-        return unavailable(f"the job queue is unavailable ({exc})", retry_after_s).response(
-            request.url.path
-        )
-
-    @app.exception_handler(RedisError)
-    async def _redis(request: Request, exc: RedisError) -> JSONResponse:
-        log.warning("redis unavailable on %s: %r", request.url.path, exc)
-        problem = unavailable(f"state store unavailable ({type(exc).__name__})", retry_after_s)
-        return problem.response(request.url.path)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return Problem(500, "Internal Server Error", "an unexpected error; it was logged").response(
-            request.url.path
-        )
+    # Each mapped class by name, so that Starlette answers it inside the middleware stack;
+    # Exception itself (the 500s) is answered by its outermost middleware.
+    for mapped in (*MAPPED, Exception):
+        app.add_exception_handler(mapped, _mapped)
 
 
 def _allowed_methods(request: Request) -> list[str]:

@@ -8,19 +8,26 @@ never depend on Triton's status strings.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpc_aio
 from tritonclient.utils import InferenceServerException
 
 MODEL_NAME = "stable_diffusion"
+# The same model under a decoupled policy: a response per denoising step, then the image.
+STREAM_MODEL_NAME = "stable_diffusion_stream"
 IMAGE_OUTPUT = "generated_image"
 SEED_OUTPUT = "seed"
+PREVIEW_OUTPUT = "preview"
+# A streamed error carries no gRPC status: the model starts its message with the status name.
+STREAM_STATUS = re.compile(r"^([A-Z_]+): ")
 
 # input name -> (Triton datatype, numpy dtype)
 INPUT_TYPES: dict[str, tuple[str, Any]] = {
@@ -69,9 +76,12 @@ class ModelCancelled(ModelError):
 
 
 def translate(exc: InferenceServerException) -> ModelError:
-    """tritonclient's exception as the gateway's own error, by Triton's status code."""
+    """tritonclient's exception as the gateway's own error, by Triton's status code (for a
+    streamed response's error, by the status name its message starts with)."""
     status = str(exc.status() or "")
     message = exc.message() or str(exc)
+    if not status and (named := STREAM_STATUS.match(message)):
+        status, message = named.group(1), message[named.end() :]
     if "INVALID_ARG" in status or status == "400":
         return ModelRejected(message, status)
     if "CANCELLED" in status:
@@ -176,6 +186,39 @@ def generate(
 
 
 @dataclass(frozen=True)
+class Progress:
+    """A streamed generation after one denoising step: the step, the steps in all, the
+    seconds since the model took the request, and a preview (HxWx3 uint8 at an eighth of the
+    image's size) where one was due."""
+
+    step: int
+    total_steps: int
+    elapsed_s: float
+    preview: np.ndarray | None = None
+
+
+def read_progress(result: Any) -> Progress | GeneratedImage:
+    """One streamed response: progress, or the final image."""
+    if result.as_numpy(IMAGE_OUTPUT) is not None:
+        (image,) = read_result(result)
+        return image
+    preview = result.as_numpy(PREVIEW_OUTPUT)
+    return Progress(
+        step=int(result.as_numpy("step").reshape(-1)[0]),
+        total_steps=int(result.as_numpy("total_steps").reshape(-1)[0]),
+        elapsed_s=float(result.as_numpy("elapsed_s").reshape(-1)[0]),
+        preview=None if preview is None else preview[0],
+    )
+
+
+def preview_input(every: int) -> Any:
+    """The streaming model's `preview_every` input."""
+    tensor = grpcclient.InferInput("preview_every", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[every]], dtype=np.int32))
+    return tensor
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """What the gateway reads from the model config Triton serves."""
 
@@ -211,6 +254,39 @@ class AsyncTriton:
             )
         )
         return read_result(result)
+
+    async def stream(
+        self, row: ImageParams, preview_every: int
+    ) -> AsyncGenerator[Progress | GeneratedImage, None]:
+        """One image from the streaming model: its progress after every step (a preview
+        every `preview_every` steps; 0 for none), then the image; or a ModelError. Leaving
+        the iteration early (a cancelled task) cancels the request: the model stops before
+        its next step."""
+        request = {
+            "model_name": STREAM_MODEL_NAME,
+            "inputs": [*make_inputs(grpcclient, [row]), preview_input(preview_every)],
+        }
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield request
+
+        with translated():
+            responses = self.client.stream_infer(requests(), stream_timeout=self.timeout_s)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise translate(error)
+                event = read_progress(result)
+                yield event
+                if isinstance(event, GeneratedImage):
+                    return
+            raise ModelUnavailable("the stream ended before the image")
+        except grpc.RpcError as exc:  # the stream itself failed: no InferenceServerException
+            status = str(exc.code()) if isinstance(exc, grpc.Call) else ""
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise translate(InferenceServerException(details, status=status)) from exc
+        finally:
+            responses.cancel()
 
     async def model_config(self) -> ModelConfig:
         """The parameters and batch size of the model config Triton serves."""

@@ -157,7 +157,7 @@ class Stack:
                 self.triton = self._start("triton", self._triton())
                 self.scraped["triton"] = [self.triton.metrics_url]
                 if load_model:
-                    self.triton.load()
+                    self.triton.load_served()
             if "redis" in self.services:
                 # Persistent: the keys survive a restart of the local stack.
                 redis = RedisServer(state / "redis", s.redis_port, s.host, persistent=True)
@@ -335,7 +335,7 @@ def start_service(state_dir: Path, name: str, *, load_model: bool = True) -> Sta
     server.start(detached=True)
     if isinstance(server, Triton) and load_model:
         try:
-            server.load()
+            server.load_served()
         except BaseException:
             server.stop()
             raise

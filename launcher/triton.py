@@ -25,8 +25,13 @@ from typing import Any
 
 from launcher.process import Managed, Service, ServiceError, start_on_ports
 
-MODEL_SOURCE = Path(__file__).resolve().parents[1] / "model_repository" / "stable_diffusion"
+REPOSITORY_SOURCE = Path(__file__).resolve().parents[1] / "model_repository"
+MODEL_SOURCE = REPOSITORY_SOURCE / "stable_diffusion"
 MODEL_NAME = "stable_diffusion"
+# The same model under a decoupled policy: progress after every step, then the image.
+STREAM_MODEL_NAME = "stable_diffusion_stream"
+# What a stack serves: both, from one copy of the code and weights.
+SERVED_MODELS = (MODEL_NAME, STREAM_MODEL_NAME)
 # configs/<name>.pbtxt in each model folder: what `python -m export config` writes.
 MODEL_CONFIG_NAME = "exported"
 # What an export adds to a model folder; a fresh copy of the committed model leaves it out.
@@ -45,14 +50,16 @@ def pytriton_dir() -> Path:
 
 
 def copy_model_repository(target: Path) -> Path:
-    """A fresh model repository at `target` holding the committed model, without exports.
+    """A fresh model repository at `target` holding the committed models, without exports.
 
-    Everything in model_repository/stable_diffusion is copied (config, code, schemas) except
-    what an export writes there (weights, the exported config).
+    Everything in model_repository is copied (configs, code, schemas; the streaming model's
+    version folder stays a link to stable_diffusion's) except what an export writes there
+    (weights, the exported configs).
     """
     shutil.copytree(
-        MODEL_SOURCE,
-        target / MODEL_SOURCE.name,
+        REPOSITORY_SOURCE,
+        target,
+        symlinks=True,
         ignore=shutil.ignore_patterns(*EXPORTED),
         dirs_exist_ok=True,
     )
@@ -194,6 +201,11 @@ class Triton(Managed):
         self.service.wait_listening(
             [self.grpc_port], lambda: self._model_ready(model), timeout, f"{model} ready"
         )
+
+    def load_served(self) -> None:
+        """Load every model a stack serves (`SERVED_MODELS`), in order."""
+        for model in SERVED_MODELS:
+            self.load(model)
 
     def _model_ready(self, model: str) -> bool:
         with self._client() as client:

@@ -37,18 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from perf import rounds, triton_grpc  # noqa: E402
+from perf import rounds, triton_grpc, workload  # noqa: E402
 from perf.launch import add_worker, stack  # noqa: E402
 from perf.rounds import timed  # noqa: E402
 
-REQUEST: dict[str, Any] = {
-    "prompt": "a frost-forged legendary axe, game item icon",
-    "steps": 25,
-    "guidance_scale": 7.5,
-    "width": 128,
-    "height": 128,
-    "scheduler": "dpmpp_2m",
-}
+REQUEST = workload.REQUEST
 # The gateway's and workers' settings for the run: no rate limit in the way, and fast
 # consumer-group membership, so that a joining worker takes its share quickly.
 ENV = {

@@ -28,18 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from perf import perf_analyzer, rounds, triton_grpc  # noqa: E402
+from perf import perf_analyzer, rounds, triton_grpc, workload  # noqa: E402
 from perf.launch import stack  # noqa: E402
 
-REQUEST: dict[str, Any] = {
-    "prompt": "a frost-forged legendary axe, game item icon",
-    "seed": 42,
-    "steps": 25,
-    "guidance_scale": 7.5,
-    "width": 128,
-    "height": 128,
-    "scheduler": "dpmpp_2m",
-}
+REQUEST: dict[str, Any] = {**workload.REQUEST, "seed": 42}
 PAIRS = 16  # per round
 REPOSITORY = ROOT / "model_repository"
 RESULTS = ROOT / "perf" / "results"

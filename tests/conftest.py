@@ -72,7 +72,7 @@ def make_core(weights: Path, *, max_batch_size: int | None = None, **overrides: 
 def triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
     server = Triton(repository, tmp_path_factory.mktemp("triton")).start()
     try:
-        server.load()
+        server.load_served()
         yield server
     finally:
         server.stop()

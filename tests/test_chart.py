@@ -294,8 +294,9 @@ def test_chart_export_config_flags_exist() -> None:
 
 
 def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
-    """The model-config init container's command, run on a copy of the committed config and a
-    published manifest, writes configs/exported.pbtxt with the values and the model identity."""
+    """The model-code and model-config init containers' commands, run on this repository's
+    model folders and a published manifest, write configs/exported.pbtxt with the values and
+    the model identity, and the streaming model's config from it."""
     docs = render(
         "production.yaml",
         sets=(
@@ -306,10 +307,13 @@ def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
     )
     spec = one(docs, "Deployment", "forge-triton")["spec"]["template"]["spec"]
     command = next(c for c in spec["initContainers"] if c["name"] == "model-config")["command"]
+    code = next(c for c in spec["initContainers"] if c["name"] == "model-code")["command"]
+    script = code[-1].replace("/opt/forge/model_repository", str(ROOT / "model_repository"))
+    script = script.replace("/models", str(tmp_path))
+    copied = subprocess.run([*code[:-1], script], capture_output=True, text=True, check=False)
+    assert copied.returncode == 0, copied.stderr
     model = tmp_path / "stable_diffusion"
     (model / "1" / "weights").mkdir(parents=True)
-    for name in ("config.pbtxt", "weights.schema.json"):  # what the model-code step copies
-        shutil.copy(ROOT / "model_repository" / "stable_diffusion" / name, model)
     identity = {"name": "stable-diffusion-v1-5", "version": "weights-0123abcd"}
     contract = {"size_multiple": 64, "default_size": 512, "max_prompt_tokens": 77}
     manifest = {"model": identity, "contract": contract}
@@ -336,6 +340,18 @@ def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
     assert config.max_batch_size == 4
     kind_gpu = model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
     assert [(g.kind, g.count) for g in config.instance_group] == [(kind_gpu, 2)]
+    # The streaming model: the same code and weights, this config under a decoupled policy.
+    streaming = tmp_path / "stable_diffusion_stream"
+    assert (streaming / "1").resolve() == (model / "1").resolve()
+    stream_config = read_config(streaming / "configs" / "exported.pbtxt")
+    assert stream_config.name == "stable_diffusion_stream"
+    assert stream_config.model_transaction_policy.decoupled
+    assert stream_config.max_batch_size == 4
+    stream_params = {k: v.string_value for k, v in stream_config.parameters.items()}
+    assert {k: stream_params[k] for k in params} == params
+    inputs = [i.name for i in stream_config.input]
+    assert inputs[0] == "prompt" and inputs[-1] == "preview_every"
+    assert f"--load-model={streaming.name}" in spec["containers"][0]["args"]
 
 
 def test_tensorrt_build_runs_on_the_serving_gpu() -> None:

@@ -126,11 +126,13 @@ def drive_traffic(
             one_round(c, bulk.json()["key"], round_)
             wait_until(
                 f"round {round_} scraped",
-                lambda n=round_ + 1: prometheus.query(
-                    f'sum(forge_rate_limited_total{{job="gateway",tier="bulk"}}) >= {n}'
-                )
-                and prometheus.query(
-                    f'sum(forge_job_queue_wait_seconds_count{{job="worker"}}) >= {2 * n}'
+                lambda n=round_ + 1: (
+                    prometheus.query(
+                        f'sum(forge_rate_limited_total{{job="gateway",tier="bulk"}}) >= {n}'
+                    )
+                    and prometheus.query(
+                        f'sum(forge_job_queue_wait_seconds_count{{job="worker"}}) >= {2 * n}'
+                    )
                 ),
                 60,
             )
@@ -161,10 +163,24 @@ def scrape_workers(prometheus: PrometheusServer, stack: JobsStack, *workers: Wor
 TOO_MANY_TOKENS = "axe " * 80
 
 
+def streams(c: httpx.Client, round_: int) -> None:
+    """A streamed image with previews, read to its result; one left after its first event
+    (a cancelled stream, when the model has not finished it by then)."""
+    events = {"Accept": "text/event-stream"}
+    body = {"prompt": f"a streamed sabre {round_}", **SMALL}
+    with c.stream(
+        "POST", "/v1/images", json=body, headers=events, params={"preview_every": 1}
+    ) as reply:
+        assert reply.status_code == 200 and "event: result" in reply.read().decode()
+    body = {"prompt": f"an abandoned pike {round_}", "steps": 150, "width": 256, "height": 256}
+    with c.stream("POST", "/v1/images", json=body, headers=events) as reply:
+        assert next(reply.iter_lines()).startswith("event: progress")
+
+
 def one_round(c: httpx.Client, bulk_key: str, round_: int) -> None:
     # Sync requests, some concurrent (batching); a repeated seed (cache hit); a size outside
     # the contract (the gateway's 422); a prompt the model refuses (Triton INVALID_ARG);
-    # readiness checks; a bulk key over its tier (429).
+    # readiness checks; a bulk key over its tier (429); streamed requests.
     threads = [
         threading.Thread(
             target=c.post,
@@ -184,6 +200,7 @@ def one_round(c: httpx.Client, bulk_key: str, round_: int) -> None:
     assert c.post("/v1/images", json={"prompt": TOO_MANY_TOKENS, **SMALL}).status_code == 422
     for _ in range(3):
         c.get("/readyz")
+    streams(c, round_)
     limited = c.post(
         "/v1/images",
         json={"prompt": "a huge hammer", "steps": 150, "width": 1024, "height": 1024},

@@ -265,6 +265,10 @@ def test_dashboards_show_what_the_issue_asks_for() -> None:
         "forge:availability:ratio_rate5m",
         "forge:error_budget_burn_rate:rate1h",
         "status:forge_http_requests:rate5m",
+        "forge_open_streams",
+        "forge_time_to_first_preview_seconds_bucket",
+        "forge_streams_cancelled_total",
+        "forge_denoising_steps_total",
     ):
         assert needed in overview, needed
     for needed in (

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -29,6 +30,8 @@ from launcher.process import free_port
 from launcher.redis import RedisServer
 from launcher.triton import Triton
 from tests.conftest import DEV_KEY, NARROW_CONTRACT, ROOT, JobsStack, gateway_env
+from tests.polling import wait_until
+from tests.test_gateway import gateway_metric
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -152,11 +155,14 @@ def card_info(page: Page, nth: int = 0) -> dict[str, Any]:
     }
 
 
-def posts(requests: list[Request], path: str) -> list[dict[str, Any]]:
+def posts(requests: list[Request], path: str, accept: str = "") -> list[dict[str, Any]]:
+    """The bodies POSTed to `path` (any query), those that accepted `accept` if given."""
     return [
         json.loads(r.post_data or "{}")
         for r in requests
-        if r.method == "POST" and r.url.endswith(path)
+        if r.method == "POST"
+        and urlsplit(r.url).path == path
+        and accept in r.headers.get("accept", "")
     ]
 
 
@@ -258,14 +264,15 @@ def test_the_builder_offers_what_the_models_contract_allows(
     expect(page.locator("#f-steps")).to_have_attribute("max", NARROW_CONTRACT["max_steps"])
 
 
-def test_forge_then_same_seed_then_variations_as_async_jobs(stack: JobsStack, page: Page) -> None:
+def test_forge_streams_then_same_seed_then_variations_as_an_async_job(
+    stack: JobsStack, page: Page
+) -> None:
     url = gateway_url(stack)
     requests: list[Request] = []
     page.on("request", lambda r: requests.append(r))
     open_forge(page, url)
     choose(page, weapon_type="sword", material="crystal", element="lightning", **FAST)
     page.get_by_role("button", name="Forge", exact=True).click()
-    expect(page.locator("#status")).to_contain_text("job")
     expect(cards(page)).to_have_count(1, timeout=60_000)
     expect(page.locator("#status")).to_have_text("Forge: done, 1 image added to the gallery.")
     first = card_info(page)
@@ -274,11 +281,11 @@ def test_forge_then_same_seed_then_variations_as_async_jobs(stack: JobsStack, pa
     expect(page.locator("#tiny-note")).to_be_visible()
     shot(page, "03-forged")
 
-    # It went through the async jobs API, polling the Location it gave.
-    (job,) = posts(requests, "/v1/weapons/jobs")
-    assert job["weapons"][0]["weapon_type"] == "sword" and "seed" not in job["weapons"][0]
-    assert any(r.method == "GET" and "/v1/jobs/" in r.url for r in requests)
-    assert not posts(requests, "/v1/weapons")
+    # One image is streamed (server-sent events), with previews asked for.
+    (streamed,) = posts(requests, "/v1/weapons", accept="text/event-stream")
+    assert streamed["weapon_type"] == "sword" and "seed" not in streamed
+    assert "preview_every=" in next(r.url for r in requests if r.method == "POST")
+    expect(page.locator("#progress")).to_be_hidden()  # gone once the image is in
 
     # The download link saves the very asset.
     download = cards(page).nth(0).locator("a.download")
@@ -294,20 +301,52 @@ def test_forge_then_same_seed_then_variations_as_async_jobs(stack: JobsStack, pa
     again = card_info(page)
     assert again["seed"] == first["seed"] and again["id"] == first["id"]
     expect(cards(page).nth(0).locator(".same")).to_contain_text("Identical to image 1")
-    sent = posts(requests, "/v1/weapons/jobs")[-1]["weapons"]
-    assert len(sent) == 1 and sent[0]["seed"] == first["seed"]  # exact, beyond 2**53
+    sent = posts(requests, "/v1/weapons")[-1]
+    assert sent["seed"] == first["seed"]  # exact, beyond 2**53
 
-    # Variations: the next three seeds, as one batch job; three different images.
+    # Variations: the next three seeds, as one async job (polling the Location it gave);
+    # three different images.
     cards(page).nth(0).get_by_role("button", name=re.compile("^Variations")).click()
     expect(cards(page)).to_have_count(5, timeout=90_000)
-    batch = posts(requests, "/v1/weapons/jobs")[-1]["weapons"]
+    (job,) = posts(requests, "/v1/weapons/jobs")
+    batch = job["weapons"]
     assert [w["seed"] for w in batch] == [first["seed"] + d for d in (1, 2, 3)]
-    assert len(posts(requests, "/v1/weapons/jobs")) == 3
+    assert any(r.method == "GET" and "/v1/jobs/" in r.url for r in requests)
     varied = [card_info(page, i) for i in range(3)]
     assert sorted(v["seed"] for v in varied) == [first["seed"] + d for d in (1, 2, 3)]
     assert len({v["id"] for v in varied} | {first["id"]}) == 4
     expect(page.locator("#gallery-count")).to_have_text("5 images")
     shot(page, "04-gallery")
+
+
+def test_a_forge_shows_its_progress_and_preview_and_can_be_cancelled(
+    stack: JobsStack, page: Page
+) -> None:
+    url = gateway_url(stack)
+    open_forge(page, url)
+    choose(page, weapon_type="axe", material="iron", element="frost", steps="150", size="256x256")
+    assert stack.gateway is not None
+    cancelled_before = gateway_metric(stack.gateway, "forge_streams_cancelled_total")
+    page.get_by_role("button", name="Forge", exact=True).click()
+    bar = page.locator("#progress-bar")
+    expect(page.locator("#progress")).to_be_visible()
+    expect(bar).to_have_attribute("max", re.compile(r"^1[5-9]\d$"))
+    # The bar advances, and a preview (every second step) is shown.
+    expect(page.locator("#preview")).to_be_visible(timeout=60_000)
+    expect(page.locator("#preview")).to_have_js_property("complete", True)
+    assert page.locator("#preview").evaluate("i => i.naturalWidth") == 256 // 8
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Step ([3-9]|\d\d+) of"))
+    shot(page, "05-forging")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#status")).to_have_text("Forge: cancelled.")
+    expect(page.locator("#progress")).to_be_hidden()
+    expect(cards(page)).to_have_count(0)
+    expect(page.get_by_role("button", name="Forge", exact=True)).to_be_enabled()
+    # The gateway saw the stream close and stopped the generation.
+    wait_until(
+        "the gateway to count the cancelled stream",
+        lambda: gateway_metric(stack.gateway, "forge_streams_cancelled_total") > cancelled_before,
+    )
 
 
 def test_an_edited_prompt_is_drawn_as_written(stack: JobsStack, page: Page) -> None:
@@ -321,9 +360,9 @@ def test_an_edited_prompt_is_drawn_as_written(stack: JobsStack, page: Page) -> N
     page.get_by_role("button", name="Forge", exact=True).click()
     expect(cards(page)).to_have_count(1, timeout=60_000)
     assert card_info(page)["prompt"] == "a rune-etched bronze trident, game item icon"
-    (job,) = posts(requests, "/v1/jobs")
-    assert job["images"][0]["prompt"] == "a rune-etched bronze trident, game item icon"
-    assert job["images"][0]["negative_prompt"]  # the studio's negative prompt goes along
+    (sent,) = posts(requests, "/v1/images")
+    assert sent["prompt"] == "a rune-etched bronze trident, game item icon"
+    assert sent["negative_prompt"]  # the studio's negative prompt goes along
     page.get_by_role("button", name="Back to the template").click()
     expect(page.locator("#prompt-mode")).to_have_text("from the studio template")
 
@@ -340,9 +379,9 @@ def test_an_invalid_field_is_shown_beside_it(stack: JobsStack, page: Page) -> No
     expect(steps).to_have_attribute("aria-invalid", "true")
     expect(steps).to_be_focused()
     expect(page.locator("#problem")).to_contain_text("beside the fields")
-    assert posts(requests, "/v1/weapons/jobs"), "the server, not the page, judged the field"
+    assert posts(requests, "/v1/weapons"), "the server, not the page, judged the field"
     expect(cards(page)).to_have_count(0)
-    shot(page, "05-invalid-field")
+    shot(page, "06-invalid-field")
     steps.fill("4")
     expect(error).to_be_empty()
 
@@ -355,7 +394,7 @@ def test_a_rate_limit_shows_a_countdown_then_allows_again(stack: JobsStack, page
     choose(page, size="1024x1024", steps="150")  # 600 units against a 200-unit window
     page.clock.pause_at(datetime.now() + timedelta(minutes=1))
     forge = page.locator("#forge")
-    with page.expect_response(lambda r: r.url.endswith("/v1/weapons/jobs")) as refused:
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/weapons") as refused:
         forge.click()
     assert refused.value.status == 429
     retry_after = int(refused.value.headers["retry-after"])
@@ -365,7 +404,7 @@ def test_a_rate_limit_shows_a_countdown_then_allows_again(stack: JobsStack, page
     expect(timer).to_have_text(f"You can forge again in {retry_after} s")
     expect(forge).to_be_disabled()
     expect(forge).to_have_text(f"Wait {retry_after} s")
-    shot(page, "06-rate-limited")
+    shot(page, "07-rate-limited")
     for left in range(retry_after - 1, 0, -1):  # one second of the page's time at a time
         page.clock.run_for(1000)
         expect(timer).to_have_text(f"You can forge again in {left} s")
@@ -391,7 +430,7 @@ def test_service_unavailable_is_said_plainly(triton: Triton, page: Page, tmp_pat
         expect(problem).to_contain_text("The forge is unavailable right now", timeout=15_000)
         expect(problem).to_contain_text("It is not your request")
         expect(page.locator("#retry-timer")).to_have_text(re.compile(r"Try again in \d+ s"))
-        shot(page, "07-unavailable")
+        shot(page, "08-unavailable")
     finally:
         gateway.stop()
 

@@ -3,30 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from gateway import metrics
 from gateway.api.deps import GenerateKey, ImageBody, Parsed, ServicesDep, WeaponBody
 from gateway.api.http import IdempotencyKey, problems
 from gateway.assets import MEDIA_TYPES
 from gateway.bodies import contract_body
+from gateway.generation import encode
+from gateway.idempotency import Claim
 from gateway.keys import ApiKey
-from gateway.problems import Problem, unavailable
+from gateway.problems import Problem, as_problem, unavailable
 from gateway.ratelimit import cost
 from gateway.schemas import ImageResult, ImageSpec
 from gateway.services import Services
-from gateway.triton_client import ModelRejected
+from gateway.triton_client import ModelRejected, Progress
 
 GENERATION_ERRORS = problems(400, 401, 403, 406, 409, 413, 422, 429, 499, 502, 503)
+EVENT_STREAM = "text/event-stream"
 IMAGE_CONTENT = {
-    "description": "the result, or the image itself with `Accept: image/png` or `image/webp`",
-    "content": {"image/png": {}, "image/webp": {}},
+    "description": (
+        "the result, or the image itself with `Accept: image/png` or `image/webp`; with "
+        "`Accept: text/event-stream`, server-sent events: `progress` after every denoising "
+        "step (`step`, `total_steps`, `elapsed_ms`), `preview` every `preview_every` steps "
+        "(the same and `image`, a small PNG data URL), then `result` (this body) or `error` "
+        "(problem details). A cached or replayed result is one `result` event."
+    ),
+    "content": {"image/png": {}, "image/webp": {}, EVENT_STREAM: {}},
 }
+PreviewEvery = Annotated[
+    int,
+    Query(
+        ge=0,
+        le=1000,
+        description="with Accept: text/event-stream, a preview every this many steps (0: none)",
+    ),
+]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["generate"])
@@ -69,11 +92,41 @@ def wants_image(request: Request, fmt: str) -> bool:
     )
 
 
+def wants_events(request: Request) -> bool:
+    """Whether the client asked for server-sent events."""
+    return EVENT_STREAM in request.headers.get("accept", "")
+
+
+def sse(event: str, data: dict[str, Any] | ImageResult) -> ServerSentEvent:
+    """One server-sent event with a JSON payload."""
+    payload = data.model_dump_json() if isinstance(data, ImageResult) else json.dumps(data)
+    return ServerSentEvent(event=event, data=payload)
+
+
+def progress_event(progress: Progress) -> ServerSentEvent:
+    """A `progress` event, or a `preview` event where the step brought a preview."""
+    data: dict[str, Any] = {
+        "step": progress.step,
+        "total_steps": progress.total_steps,
+        "elapsed_ms": round(progress.elapsed_s * 1000, 1),
+    }
+    if progress.preview is None:
+        return sse("progress", data)
+    height, width = progress.preview.shape[:2]
+    png = base64.b64encode(encode(progress.preview, "png")).decode("ascii")
+    data |= {"width": width, "height": height, "image": f"data:image/png;base64,{png}"}
+    return sse("preview", data)
+
+
 async def render(
     request: Request, svc: Services, result: ImageResult, headers: dict[str, str]
 ) -> Response:
-    """The result as JSON, or as the image bytes when the client accepts them."""
+    """The result as JSON, as the image bytes when the client accepts them, or as one
+    `result` event when it asked for events."""
     headers = {**headers, "X-Cache": "hit" if result.cached else "miss", "X-Seed": str(result.seed)}
+    if wants_events(request):
+        event = sse("result", result)
+        return EventSourceResponse(iter([event]), headers=headers)
     if wants_image(request, result.format):
         data = await svc.generator.assets.get(result.id)
         if data is None:
@@ -93,8 +146,10 @@ async def run_sync(
     parsed: Parsed,
     spec: ImageSpec,
     idempotency_key: str | None,
+    preview_every: int,
 ) -> Response:
-    """Idempotency, cache, rate limit, generation, in that order; one result per request."""
+    """Idempotency, cache, rate limit, generation, in that order; one result per request.
+    Streamed (Accept: text/event-stream), the generation runs as the events are sent."""
     claim = svc.idempotency.claim(
         key.id, idempotency_key, request.url.path, parsed.body.model_dump(mode="json")
     )
@@ -105,6 +160,11 @@ async def run_sync(
         result = await svc.generator.cached(spec)
         units = 1 if result else cost(spec, parsed.bodies.contract)
         charge = await svc.limiter.charge(key.id, key.tier, units)
+        if result is None and wants_events(request):
+            events = stream(request, svc, key, spec, units, claim, preview_every)
+            return EventSourceResponse(
+                events, headers={**charge.headers(), "X-Cache": "miss"}, ping=15
+            )
         if result is None:
             result = await generate_or_refund(request, svc, key, spec, units)
     except BaseException:
@@ -131,6 +191,51 @@ async def generate_or_refund(
         raise
 
 
+async def stream(
+    request: Request,
+    svc: Services,
+    key: ApiKey,
+    spec: ImageSpec,
+    units: int,
+    claim: Claim,
+    preview_every: int,
+) -> AsyncIterator[ServerSentEvent]:
+    """The events of one streamed generation: progress and previews, then `result` or
+    `error`. A client that disconnects cancels the model's work (it stops before its next
+    step); a failure on the server's side gives the charge back, as the JSON form does."""
+    received = time.perf_counter()
+    previews = 0
+    metrics.OPEN_STREAMS.inc()
+    try:
+        async with aclosing(
+            svc.generator.generation(spec, source="sync", preview_every=preview_every)
+        ) as generation:
+            async for event in generation:
+                if isinstance(event, Progress):
+                    if event.preview is not None and not previews:
+                        metrics.FIRST_PREVIEW_SECONDS.observe(time.perf_counter() - received)
+                    previews += event.preview is not None
+                    yield progress_event(event)
+                    continue
+                try:
+                    await claim.complete(event.model_dump(mode="json"))
+                except RedisError:
+                    log.warning("could not keep the result for Idempotency-Key replays")
+                yield sse("result", event)
+    except asyncio.CancelledError:
+        metrics.STREAMS_CANCELLED.inc()
+        await asyncio.shield(claim.release())
+        raise
+    except Exception as exc:
+        await claim.release()
+        if not isinstance(exc, ModelRejected | Problem):
+            await svc.limiter.refund(key.id, key.tier, units)
+        problem = as_problem(exc, request.url.path, svc.settings.retry_after_s)
+        yield sse("error", problem.body(request.url.path))
+    finally:
+        metrics.OPEN_STREAMS.dec()
+
+
 DOCUMENTED: dict[str, Any] = {
     "response_model": ImageResult,
     "responses": {200: IMAGE_CONTENT, **GENERATION_ERRORS},
@@ -144,10 +249,12 @@ async def create_image(
     key: GenerateKey,
     parsed: ImageBody,
     idempotency_key: IdempotencyKey = None,
+    preview_every: PreviewEvery = 0,
 ) -> Response:
-    """Generate one image and wait for it (sync). Same seed and parameters: same image."""
+    """Generate one image and wait for it (sync), or watch it made (server-sent events).
+    Same seed and parameters: same image."""
     spec = parsed.bodies.image_spec(parsed.body)
-    return await run_sync(request, svc, key, parsed, spec, idempotency_key)
+    return await run_sync(request, svc, key, parsed, spec, idempotency_key, preview_every)
 
 
 @router.post("/v1/weapons", openapi_extra=contract_body("WeaponRequest"), **DOCUMENTED)
@@ -157,7 +264,9 @@ async def create_weapon(
     key: GenerateKey,
     parsed: WeaponBody,
     idempotency_key: IdempotencyKey = None,
+    preview_every: PreviewEvery = 0,
 ) -> Response:
-    """A weapon from game terms; the server's templates write the prompt."""
+    """A weapon from game terms; the server's templates write the prompt. Streams like
+    /v1/images."""
     spec = parsed.bodies.weapon_spec(parsed.body)
-    return await run_sync(request, svc, key, parsed, spec, idempotency_key)
+    return await run_sync(request, svc, key, parsed, spec, idempotency_key, preview_every)

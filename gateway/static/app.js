@@ -3,6 +3,7 @@
 
 const KEY_STORAGE = "forge.apiKey";
 const POLL_START_MS = 500;
+const PREVIEW_EVERY = 2;      // a live preview every this many denoising steps
 const POLL_MAX_MS = 3000;
 // Seeds go up to 2^63-1, past JavaScript's exact integers: they travel as BigInt here, and so
 // does any integer of the API's documents past Number's exact range (the seed's maximum).
@@ -22,6 +23,8 @@ const el = {
   forge: $("forge"), timer: $("retry-timer"), status: $("status"), problem: $("problem"),
   gallery: $("gallery"), galleryEmpty: $("gallery-empty"), galleryCount: $("gallery-count"),
   tinyNote: $("tiny-note"), tinyName: $("tiny-name"), cardTemplate: $("card-template"),
+  progress: $("progress"), progressBar: $("progress-bar"), progressText: $("progress-text"),
+  preview: $("preview"), cancel: $("cancel"),
 };
 
 const state = {
@@ -36,6 +39,7 @@ const state = {
   cards: 0,
   seenIds: new Map(),    // asset id -> card number that first showed it
   seedMax: null,         // the seed's maximum, from the API's schema (BigInt)
+  cancel: null,          // stops the image being streamed, while there is one
 };
 
 // ---------- JSON with exact seeds ----------
@@ -75,19 +79,24 @@ function retryAfterSeconds(header) {
   return Number.isNaN(at) ? null : Math.max(1, Math.ceil((at - Date.now()) / 1000));
 }
 
-async function api(path, { method = "GET", body, auth = true } = {}) {
-  const headers = { Accept: "application/json" };
+const NO_ANSWER = {
+  title: "No answer from the gateway",
+  detail: "The request did not reach the server. Check your connection, or that the gateway is running.",
+};
+
+async function send(path, { method = "GET", body, auth = true, accept = "application/json", signal } = {}) {
+  const headers = { Accept: accept };
   if (auth && state.key) headers.Authorization = `Bearer ${state.key}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  let res;
   try {
-    res = await fetch(path, { method, headers, body: body === undefined ? undefined : toJson(body) });
-  } catch {
-    throw new ApiError(0, {
-      title: "No answer from the gateway",
-      detail: "The request did not reach the server. Check your connection, or that the gateway is running.",
-    });
+    return await fetch(path, { method, headers, body: body === undefined ? undefined : toJson(body), signal });
+  } catch (err) {
+    if (signal?.aborted) throw err;
+    throw new ApiError(0, NO_ANSWER);
   }
+}
+
+async function readJson(res) {
   const text = await res.text();
   let data = null;
   if (/json/.test(res.headers.get("content-type") || "") && text) {
@@ -97,7 +106,34 @@ async function api(path, { method = "GET", body, auth = true } = {}) {
     throw new ApiError(res.status, data || { title: `HTTP ${res.status}`, detail: text.slice(0, 300) },
       retryAfterSeconds(res.headers.get("Retry-After")));
   }
-  return { data, res };
+  return data;
+}
+
+async function api(path, options = {}) {
+  const res = await send(path, options);
+  return { data: await readJson(res), res };
+}
+
+// Server-sent events of a response, as { event, data } with the data parsed as JSON.
+async function* serverEvents(res) {
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer = (buffer + value).replace(/\r\n/g, "\n");
+    for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+      }
+      if (data.length) yield { event, data: parseJson(data.join("\n")) };
+    }
+  }
 }
 
 // ---------- schema-driven builder ----------
@@ -363,7 +399,60 @@ const JOB_PATHS = { weapon: ["/v1/weapons/jobs", "weapons"], image: ["/v1/jobs",
 const SYNC_PATHS = { weapon: "/v1/weapons", image: "/v1/images" };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-// Forge `bodies` (one request kind) as one async job; without the jobs API, one by one.
+function showProgress({ step, total_steps: total, image }) {
+  el.progress.hidden = false;
+  el.progressBar.max = total;
+  el.progressBar.value = step;
+  el.progressText.textContent = `Step ${step} of ${total}`;
+  if (image) {
+    el.preview.src = image;
+    el.preview.hidden = false;
+  }
+}
+
+function hideProgress() {
+  el.progress.hidden = true;
+  el.preview.hidden = true;
+  el.preview.removeAttribute("src");
+  el.progressBar.value = 0;
+  el.progressText.textContent = "";
+}
+
+// One image streamed: progress and previews as it is made, then its card. Cancel stops the
+// model's work (the gateway cancels it when the stream closes). "done" or "cancelled".
+async function streamImage(kind, body, label) {
+  const controller = new AbortController();
+  state.cancel = () => controller.abort();
+  el.cancel.disabled = false;
+  setStatus(`${label}: forging…`);
+  showProgress({ step: 0, total_steps: body.steps ?? 1 });
+  try {
+    const path = `${SYNC_PATHS[kind]}?preview_every=${PREVIEW_EVERY}`;
+    const res = await send(path, { method: "POST", body, accept: "text/event-stream", signal: controller.signal });
+    if (!res.ok || !/event-stream/.test(res.headers.get("content-type") || "")) {
+      await readJson(res);
+      throw new ApiError(res.status, { title: "Not a stream", detail: "The gateway did not stream this image." });
+    }
+    for await (const { event, data } of serverEvents(res)) {
+      if (event === "progress" || event === "preview") showProgress(data);
+      else if (event === "error") throw new ApiError(data.status, data, null);
+      else if (event === "result") {
+        addCard(data, kind, body);
+        return "done";
+      }
+    }
+    throw new ApiError(0, { title: "The stream ended early", detail: "The gateway closed it before the image." });
+  } catch (err) {
+    if (controller.signal.aborted) return "cancelled";
+    throw err;
+  } finally {
+    state.cancel = null;
+    hideProgress();
+  }
+}
+
+// Forge `bodies` (one request kind): one image streamed with live progress, several as one
+// async job; without the jobs API, one by one.
 async function forge(kind, bodies, label) {
   if (state.busy || state.retryTimer) return;
   clearErrors();
@@ -374,6 +463,11 @@ async function forge(kind, bodies, label) {
     return `${label}: done, ${added} image${added === 1 ? "" : "s"} added to the gallery.`;
   };
   try {
+    if (bodies.length === 1) {
+      const outcome = await streamImage(kind, bodies[0], label);
+      setStatus(outcome === "cancelled" ? `${label}: cancelled.` : done());
+      return;
+    }
     if (state.jobsApi !== false) {
       const [path, field] = JOB_PATHS[kind];
       try {
@@ -586,6 +680,10 @@ el.forgetKey.addEventListener("click", () => {
 });
 
 el.changeKey.addEventListener("click", () => showKeyPanel());
+el.cancel.addEventListener("click", () => {
+  el.cancel.disabled = true;
+  state.cancel?.();
+});
 
 el.builder.addEventListener("change", (e) => { if (e.target.closest("#choices")) updatePrompt(); });
 el.text.addEventListener("input", updatePrompt);

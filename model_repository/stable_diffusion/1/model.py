@@ -6,6 +6,12 @@ arrived (the core fills in the rest from the generation contract), map errors to
 `TritonError`s, and answer every request exactly once. A request whose rows span batches (a
 static batch of mixed sizes) fails if any of its rows failed; the other requests of the
 execution get their images.
+
+The same code serves the streaming model (`stable_diffusion_stream`: this folder under a
+config with a decoupled transaction policy). There a request holds one image; it is sent a
+response after every denoising step (`step`, `total_steps`, `elapsed_s`), with a `preview`
+every `preview_every` steps, then its final response: the image and seed `stable_diffusion`
+gives for the same inputs.
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ from __future__ import annotations
 import contextlib
 import json
 import locale
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 from sd_pipeline import Outcome, RowFailure, StableDiffusionCore
-from sd_requests import GenerationRequest, InvalidRequest, Row
+from sd_preview import preview_pixels
+from sd_requests import GenerationRequest, InvalidRequest, Row, StepObserver
 
 
 def _text(value: Any, name: str) -> str:
@@ -54,6 +63,47 @@ def _utf8_text_files() -> None:
         locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 
+class Progress:
+    """The progress responses of one streamed request: one per step, a preview every
+    `preview_every` steps (0: none; never on the last step, which the image follows)."""
+
+    def __init__(self, sender: Any, preview_every: int, steps: Any) -> None:
+        self.sender, self.preview_every, self.steps = sender, preview_every, steps
+        self.start = time.perf_counter()
+
+    def tensors(self, done: int, total: int) -> list[Any]:
+        """The step, the steps in all and the seconds since the request began."""
+        return [
+            pb_utils.Tensor("step", np.array([[done]], dtype=np.int32)),
+            pb_utils.Tensor("total_steps", np.array([[total]], dtype=np.int32)),
+            pb_utils.Tensor(
+                "elapsed_s", np.array([[time.perf_counter() - self.start]], dtype=np.float32)
+            ),
+        ]
+
+    def on_step(self, done: int, total: int, latents: torch.Tensor) -> None:
+        """Send this step's progress; a send that fails (the client left, and the request
+        is cancelled before the next step) is logged, never raised into the batch."""
+        self.steps.increment(1)
+        tensors = self.tensors(done, total)
+        if self.preview_every and done % self.preview_every == 0 and done < total:
+            tensors.append(pb_utils.Tensor("preview", preview_pixels(latents)[np.newaxis]))
+        try:
+            self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+        except Exception as exc:  # the stream is gone; the row stops at its next step
+            pb_utils.Logger.log_warn(f"stable_diffusion_stream: progress not sent: {exc}")
+
+
+def _preview_every(triton_request: Any) -> int:
+    tensor = pb_utils.get_input_tensor_by_name(triton_request, "preview_every")
+    if tensor is None:
+        return 0
+    every = int(_column(tensor)[0])
+    if every < 0:
+        raise InvalidRequest(f"preview_every is {every}; use 0 (no previews) or more")
+    return every
+
+
 class TritonPythonModel:
     """The stable_diffusion model as Triton's Python backend calls it."""
 
@@ -67,14 +117,32 @@ class TritonPythonModel:
         self.core = StableDiffusionCore(
             weights, parameters, max_batch_size=int(config.get("max_batch_size", 0))
         )
+        self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
+        # On Triton's /metrics: the UNet work done, row by row, so a cancellation shows
+        # as the steps it saved.
+        self.steps_family = pb_utils.MetricFamily(
+            name="forge_denoising_steps_total",
+            description="Denoising steps done, counted once per image (row) per step",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.steps = self.steps_family.Metric(labels={"model": config["name"]})
         self.core.warm_up()
         pb_utils.Logger.log_info(
-            f"stable_diffusion: {self.core.model_name} version {self.core.model_version}, "
+            f"{config['name']}: {self.core.model_name} version {self.core.model_version}, "
             f"{self.core.contract}"
         )
 
-    def _rows(self, triton_request: Any) -> list[Row]:
-        """The request's rows (a static batch), resolved and validated, in order."""
+    def finalize(self) -> None:
+        """Let go of the step counter (its metric before its family, as Triton requires)."""
+        del self.steps
+        del self.steps_family
+
+    def _count_step(self, done: int, total: int, latents: torch.Tensor) -> None:
+        self.steps.increment(1)
+
+    def _rows(self, triton_request: Any, sender: Any) -> list[Row]:
+        """The request's rows (a static batch), resolved and validated, in order; streamed,
+        one row, told of its steps."""
         prompt = pb_utils.get_input_tensor_by_name(triton_request, "prompt")
         if prompt is None:
             raise InvalidRequest("the input prompt is required")
@@ -88,20 +156,30 @@ class TritonPythonModel:
                     raise InvalidRequest(
                         f"{name} has {len(columns[name])} rows; prompt has {len(prompts)}"
                     )
+        on_step: StepObserver = self._count_step
+        if sender is not None:
+            if len(prompts) != 1:
+                raise InvalidRequest(
+                    f"a streamed request makes one image, not {len(prompts)}: "
+                    "send one request per image"
+                )
+            on_step = Progress(sender, _preview_every(triton_request), self.steps).on_step
         rows = []
         for i, text in enumerate(prompts):
             given = {name: OPTIONAL_INPUTS[name](column[i]) for name, column in columns.items()}
             request = GenerationRequest(prompt=_text(text, "prompt"), **given)
-            rows.append(self.core.row(request, triton_request.is_cancelled))
+            rows.append(self.core.row(request, triton_request.is_cancelled, on_step))
         return rows
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        """One response per request: images and the seeds used, or a typed error."""
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        """One response per request: images and the seeds used, or a typed error; streamed,
+        sent as each request's final response after its progress."""
         responses: list[Any] = [None] * len(requests)
+        senders: list[Any] = [r.get_response_sender() if self.streaming else None for r in requests]
         accepted: list[tuple[int, list[Row]]] = []
         for n, triton_request in enumerate(requests):
             try:
-                accepted.append((n, self._rows(triton_request)))
+                accepted.append((n, self._rows(triton_request, senders[n])))
             except InvalidRequest as exc:
                 responses[n] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
@@ -117,7 +195,33 @@ class TritonPythonModel:
         for n, rows in accepted:
             responses[n] = _response(rows, outcomes[offset : offset + len(rows)])
             offset += len(rows)
-        return responses
+        if not self.streaming:
+            return responses
+        for sender, response in zip(senders, responses, strict=True):
+            try:
+                sender.send(
+                    _with_status_name(response), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                )
+            except Exception as exc:  # the client left; the others still get theirs
+                pb_utils.Logger.log_warn(f"stable_diffusion_stream: final response not sent: {exc}")
+        return None
+
+
+def _with_status_name(response: Any) -> Any:
+    """A streamed error reaches the client as its message alone (no status): the message
+    starts with the status name, `INVALID_ARG: ...`, so the client still knows whose fault
+    it was."""
+    if not response.has_error():
+        return response
+    error = response.error()
+    names = {
+        pb_utils.TritonError.INVALID_ARG: "INVALID_ARG",
+        pb_utils.TritonError.CANCELLED: "CANCELLED",
+    }
+    name = names.get(error.code(), "INTERNAL")
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(f"{name}: {error.message()}", error.code())
+    )
 
 
 def _response(rows: list[Row], outcomes: list[Outcome]) -> Any:

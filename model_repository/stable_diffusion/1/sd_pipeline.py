@@ -30,7 +30,14 @@ import numpy as np
 import torch
 from sd_contract import ConfigError, GenerationContract
 from sd_engines import uncovered
-from sd_requests import SCHEDULERS, GenerationRequest, InvalidRequest, Row, make_row
+from sd_requests import (
+    SCHEDULERS,
+    GenerationRequest,
+    InvalidRequest,
+    Row,
+    StepObserver,
+    make_row,
+)
 from sd_runtimes import Component, RuntimeSettings, load_components, positive_integer
 from sd_weights import Shape, input_shapes, load_manifest
 from transformers import CLIPTokenizer
@@ -134,16 +141,20 @@ class StableDiffusionCore:
         return str(self.manifest["model"]["version"])
 
     def row(
-        self, request: GenerationRequest, is_cancelled: Callable[[], bool] | None = None
+        self,
+        request: GenerationRequest,
+        is_cancelled: Callable[[], bool] | None = None,
+        on_step: StepObserver | None = None,
     ) -> Row:
         """`request` resolved against the contract and ready to denoise; InvalidRequest
-        names the first value the client must change."""
+        names the first value the client must change. `is_cancelled` is asked before every
+        step; `on_step` is told of every step done (see `StepObserver`)."""
         resolved = self.contract.resolve(request)
         if self.contract.prompt_overflow == "reject":
             self._check_tokens("prompt", resolved.prompt)
             self._check_tokens("negative_prompt", resolved.negative_prompt)
         self._check_engine_profiles(resolved.height, resolved.width)
-        return make_row(resolved, self.scheduler_config, is_cancelled)
+        return make_row(resolved, self.scheduler_config, is_cancelled, on_step)
 
     def _check_engine_profiles(self, height: int, width: int) -> None:
         """TensorRT engines serve only the sizes their profiles hold: say so up front."""
@@ -264,7 +275,8 @@ class StableDiffusionCore:
             for r in rows
         }
         live = list(rows)
-        for t in rows[0].scheduler.timesteps:
+        timesteps = rows[0].scheduler.timesteps
+        for done, t in enumerate(timesteps, start=1):
             live = [r for r in live if not r.is_cancelled()]
             if not live:
                 break
@@ -284,9 +296,12 @@ class StableDiffusionCore:
                     u = uncond_noise[g : g + 1]
                     pred = u + r.request.guidance_scale * (pred - u)
                     g += 1
-                latents[id(r)] = r.scheduler.step(
-                    pred, t, latents[id(r)], **r.step_kwargs(), return_dict=False
-                )[0]
+                out = r.scheduler.step(pred, t, latents[id(r)], **r.step_kwargs())
+                latents[id(r)] = out.prev_sample
+                if r.on_step is not None:
+                    estimate = getattr(out, "pred_original_sample", None)
+                    preview = out.prev_sample if estimate is None else estimate
+                    r.on_step(done, len(timesteps), preview)
         live = [r for r in live if not r.is_cancelled()]
         if not live:
             return [None] * len(rows)

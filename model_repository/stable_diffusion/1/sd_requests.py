@@ -39,6 +39,13 @@ SCHEDULERS: dict[str, Callable[[dict[str, Any]], Scheduler]] = {
 }
 
 
+# Called after each denoising step of a row with (steps done, steps in all, latents): the
+# scheduler's estimate of the finished latents where it gives one (`pred_original_sample`),
+# else the latents the step left. A live preview decodes them; the images do not depend on it,
+# and an observer must not raise (it would fail the whole batch).
+StepObserver = Callable[[int, int, torch.Tensor], None]
+
+
 class InvalidRequest(ValueError):
     """A request the client must change; the message names the bad value."""
 
@@ -94,12 +101,14 @@ class ResolvedRequest:
 
 @dataclass
 class Row:
-    """A resolved request with its own scheduler and random generator."""
+    """A resolved request with its own scheduler and random generator, asked before every
+    step whether it was cancelled, and told of each step done where it has an observer."""
 
     request: ResolvedRequest
     scheduler: Scheduler
     generator: torch.Generator
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
+    on_step: StepObserver | None = None
 
     def step_kwargs(self) -> dict[str, Any]:
         """The scheduler.step keyword arguments for this row: its generator, where taken."""
@@ -111,6 +120,7 @@ def make_row(
     request: ResolvedRequest,
     scheduler_config: dict[str, Any],
     is_cancelled: Callable[[], bool] | None = None,
+    on_step: StepObserver | None = None,
 ) -> Row:
     """Give `request` a scheduler set to its step count and a generator seeded with its seed."""
     scheduler = SCHEDULERS[request.scheduler](scheduler_config)
@@ -121,4 +131,4 @@ def make_row(
             f"scheduler {request.scheduler!r} with steps {request.steps}: {exc}"
         ) from exc
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    return Row(request, scheduler, generator, is_cancelled or (lambda: False))
+    return Row(request, scheduler, generator, is_cancelled or (lambda: False), on_step)

@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TINY_MODEL := var/models/forge-tiny-sd
 WEIGHTS := model_repository/stable_diffusion/1/weights/manifest.json
+CONFIGS := model_repository/stable_diffusion/configs/exported.pbtxt
 SAMPLE := var/out/first-weapon.png
 # Debian's own python3 needs python3-venv (ensurepip, for the venv) and python3-dev: Python.h
 # and g++ are what torch.compile's CPU backend (inductor) compiles its kernels with, and it
@@ -55,9 +56,13 @@ $(TINY_MODEL)/model_index.json: $(VENV)/.installed export/tiny.py
 $(WEIGHTS): $(TINY_MODEL)/model_index.json
 	$(PY) -m export onnx --model $(TINY_MODEL) --repository model_repository
 
-model: $(WEIGHTS)
+# The configs Triton loads, written again when a committed config changes.
+$(CONFIGS): $(WEIGHTS) model_repository/*/config.pbtxt
+	$(PY) -m export config --repository model_repository
 
-up: $(WEIGHTS)
+model: $(CONFIGS)
+
+up: $(CONFIGS)
 	$(PY) -m launcher up
 	$(PY) -m gateway.cli weapon --weapon-type axe --material iron --element frost \
 	  --rarity legendary --seed 42 --out $(SAMPLE)
@@ -76,14 +81,14 @@ down:
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-bench: $(WEIGHTS)
+bench: $(CONFIGS)
 	$(PY) perf/bench_triton.py
 	$(PY) perf/bench_gateway.py
 	$(PY) perf/bench_stream.py
 
 # Sync and job load for SOAK_S seconds while Triton, Redis, the broker, a worker and the
 # gateway are killed and started again, then a drain; perf/results/soak.json (perf/soak.py).
-soak: $(WEIGHTS)
+soak: $(CONFIGS)
 	$(PY) perf/soak.py --soak-s $(SOAK_S)
 
 lint: $(VENV)/.installed

@@ -79,7 +79,9 @@ def open_services(settings: Settings) -> Services:
     """
     redis = redis_client(settings.redis_url)
     cache_redis = redis_client(settings.cache_redis_url) if settings.cache_redis_url else redis
-    triton = AsyncTriton(settings.triton_grpc_url, settings.triton_timeout_s)
+    triton = AsyncTriton(
+        settings.triton_grpc_url, settings.triton_timeout_s, settings.stream_progress_interval_s
+    )
     contract = ContractBook(triton, redis)
     weapons = WeaponTemplates.load(settings.weapon_templates)
     callbacks = CallbackRules.from_settings(settings) if settings.callbacks else None

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
 
     # Generation
     triton_timeout_s: float = 120.0
+    # Streamed generations: progress from the model at most this often (the first and last
+    # steps and every preview are sent regardless); 0 sends every step.
+    stream_progress_interval_s: float = Field(0.1, ge=0)
     retry_after_s: int = 5
     # Above the largest valid body (a job of max_job_items entries with the longest prompts).
     max_body_bytes: int = 1_048_576

@@ -211,11 +211,13 @@ def read_progress(result: Any) -> Progress | GeneratedImage:
     )
 
 
-def preview_input(every: int) -> Any:
-    """The streaming model's `preview_every` input."""
-    tensor = grpcclient.InferInput("preview_every", [1, 1], "INT32")
-    tensor.set_data_from_numpy(np.array([[every]], dtype=np.int32))
-    return tensor
+def stream_inputs(preview_every: int, progress_interval_s: float) -> list[Any]:
+    """The streaming model's own inputs: `preview_every` and `progress_interval_s`."""
+    every = grpcclient.InferInput("preview_every", [1, 1], "INT32")
+    every.set_data_from_numpy(np.array([[preview_every]], dtype=np.int32))
+    interval = grpcclient.InferInput("progress_interval_s", [1, 1], "FP32")
+    interval.set_data_from_numpy(np.array([[progress_interval_s]], dtype=np.float32))
+    return [every, interval]
 
 
 @dataclass(frozen=True)
@@ -230,12 +232,14 @@ class AsyncTriton:
     """The gateway's and workers' client: async gRPC, a deadline per call, cancellable.
 
     Cancelling the awaiting task cancels the gRPC call, and Triton then stops the request
-    between denoising steps.
+    between denoising steps. A stream asks for progress at most every `progress_interval_s`
+    (0: every step).
     """
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, progress_interval_s: float = 0.0) -> None:
         self.client = grpc_aio.InferenceServerClient(url)
         self.timeout_s = timeout_s
+        self.progress_interval_s = progress_interval_s
 
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -258,13 +262,14 @@ class AsyncTriton:
     async def stream(
         self, row: ImageParams, preview_every: int
     ) -> AsyncGenerator[Progress | GeneratedImage, None]:
-        """One image from the streaming model: its progress after every step (a preview
-        every `preview_every` steps; 0 for none), then the image; or a ModelError. Leaving
-        the iteration early (a cancelled task) cancels the request: the model stops before
-        its next step."""
+        """One image from the streaming model: its progress (a preview every
+        `preview_every` steps; 0 for none), then the image; or a ModelError. Leaving the
+        iteration early (a cancelled task) cancels the request: the model stops before its
+        next step."""
+        inputs = stream_inputs(preview_every, self.progress_interval_s)
         request = {
             "model_name": STREAM_MODEL_NAME,
-            "inputs": [*make_inputs(grpcclient, [row]), preview_input(preview_every)],
+            "inputs": [*make_inputs(grpcclient, [row]), *inputs],
         }
 
         async def requests() -> AsyncIterator[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """`make bench` (part 3): what streaming progress and previews cost, end to end.
 
-One run, one machine, the tiny model (25 steps, 128x128), Triton, Redis and the gateway on
-free ports (`python -m launcher up --free-ports`), called over HTTP:
+One run, one machine, the tiny model (25 steps, 128x128), Triton, Redis, the broker and the
+gateway on free ports (`python -m launcher up --free-ports`), called over HTTP:
   - streamed p50 / JSON p50: `POST /v1/images` with `Accept: text/event-stream` and a
     preview every 5 steps, read to its `result` event, against the same request answered as
     JSON, in rounds of alternating calls (perf/rounds.py; target <= 1.05 on the median of
@@ -85,7 +85,7 @@ def main() -> int:
     """Run the benchmark, write perf/results/cpu-tiny-stream.json, print the figures."""
     with (
         tempfile.TemporaryDirectory(prefix="forge-bench-stream-") as work,
-        stack(Path(work), ["triton", "redis", "gateway"], env=ENV) as state,
+        stack(Path(work), ["triton", "redis", "broker", "gateway"], env=ENV) as state,
     ):
         gateway = state["services"]["gateway"]["url"]
         auth = {"Authorization": f"Bearer {state['dev_api_key']}"}

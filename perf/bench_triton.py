@@ -71,8 +71,11 @@ def overhead(grpc_url: str) -> list[rounds.Round]:
 def measure(state_dir: Path) -> dict[str, Any]:
     """Start Triton, run the interleaved pairs and perf_analyzer; the report's figures."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with stack(state_dir, ["triton"], repository=REPOSITORY) as state:
+    # The model measured, alone: an idle second model (the streaming one) is a process of
+    # its own on this 2-core machine; bench_stream.py measures streaming.
+    with stack(state_dir, ["triton"], repository=REPOSITORY, load_model=False) as state:
         grpc_url = state["services"]["triton"]["grpc"]
+        triton_grpc.load_model(grpc_url)
         measured = overhead(grpc_url)
         data = perf_analyzer.write_input_data(RESULTS / "tiny-input.json", REQUEST)
         rows = {

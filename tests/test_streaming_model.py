@@ -31,11 +31,16 @@ AXE = ImageParams(
 
 
 async def events(
-    triton: Triton, row: ImageParams, preview_every: int, *, cancel_after: int = 0
+    triton: Triton,
+    row: ImageParams,
+    preview_every: int,
+    *,
+    cancel_after: int = 0,
+    interval_s: float = 0.0,
 ) -> list[Progress | GeneratedImage | ModelError]:
     """What the streaming model sends for `row`, in order; with `cancel_after`, the stream
     is left (cancelled) once that step's progress arrived."""
-    client = AsyncTriton(triton.grpc_url, timeout_s=120)
+    client = AsyncTriton(triton.grpc_url, timeout_s=120, progress_interval_s=interval_s)
     seen: list[Progress | GeneratedImage | ModelError] = []
     try:
         async for event in client.stream(row, preview_every):
@@ -49,7 +54,7 @@ async def events(
     return seen
 
 
-def stream(triton: Triton, row: ImageParams, preview_every: int, **kw: int) -> list:
+def stream(triton: Triton, row: ImageParams, preview_every: int, **kw: float) -> list:
     return asyncio.run(events(triton, row, preview_every, **kw))
 
 
@@ -88,6 +93,16 @@ def test_a_step_by_step_stream_ends_with_the_plain_models_image(
     (plain,) = generate(triton.grpc_url, [AXE])
     assert final.seed == plain.seed == AXE.seed
     assert final.pixels.tobytes() == plain.pixels.tobytes()
+
+
+def test_a_progress_interval_keeps_the_first_and_last_steps_and_the_previews(
+    triton: Triton,
+) -> None:
+    *progress, final = stream(triton, AXE, 3, interval_s=3600)
+    assert isinstance(final, GeneratedImage)
+    assert progress[0].total_steps == AXE.steps == 7  # euler: one UNet call per step
+    assert [p.step for p in progress] == [1, 3, 6, 7]
+    assert [p.step for p in progress if p.preview is not None] == [3, 6]
 
 
 def test_previews_change_as_the_image_forms(triton: Triton) -> None:

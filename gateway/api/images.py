@@ -35,8 +35,9 @@ EVENT_STREAM = "text/event-stream"
 IMAGE_CONTENT = {
     "description": (
         "the result, or the image itself with `Accept: image/png` or `image/webp`; with "
-        "`Accept: text/event-stream`, server-sent events: `progress` after every denoising "
-        "step (`step`, `total_steps`, `elapsed_ms`), `preview` every `preview_every` steps "
+        "`Accept: text/event-stream`, server-sent events: `progress` after denoising steps "
+        "(`step`, `total_steps`, `elapsed_ms`; the first, the last, and at most every "
+        "FORGE_STREAM_PROGRESS_INTERVAL_S between), `preview` every `preview_every` steps "
         "(the same and `image`, a small PNG data URL), then `result` (this body) or `error` "
         "(problem details). A cached or replayed result is one `result` event."
     ),

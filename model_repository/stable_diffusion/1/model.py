@@ -9,9 +9,10 @@ execution get their images.
 
 The same code serves the streaming model (`stable_diffusion_stream`: this folder under a
 config with a decoupled transaction policy). There a request holds one image; it is sent a
-response after every denoising step (`step`, `total_steps`, `elapsed_s`), with a `preview`
-every `preview_every` steps, then its final response: the image and seed `stable_diffusion`
-gives for the same inputs.
+response after every denoising step (`step`, `total_steps`, `elapsed_s`; at most every
+`progress_interval_s` where the client asks for less), with a `preview` every
+`preview_every` steps, then its final response: the image and seed `stable_diffusion` gives
+for the same inputs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from __future__ import annotations
 import contextlib
 import json
 import locale
+import queue
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +67,72 @@ def _utf8_text_files() -> None:
         locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 
-class Progress:
-    """The progress responses of one streamed request: one per step, a preview every
-    `preview_every` steps (0: none; never on the last step, which the image follows)."""
+class Outbox:
+    """Sends streamed responses on a thread of its own, in the order they are given, so that
+    the denoising loop never waits on a send (each is a round trip to the server process;
+    the networks release the GIL, so sends overlap the next step). A send that fails (the
+    client left, and its request is cancelled before its next step) is logged."""
 
-    def __init__(self, sender: Any, preview_every: int, steps: Any) -> None:
-        self.sender, self.preview_every, self.steps = sender, preview_every, steps
-        self.start = time.perf_counter()
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[tuple[Any, Any, int] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="stream-outbox", daemon=True)
+        self.thread.start()
+
+    def send(self, sender: Any, response: Any, flags: int = 0) -> None:
+        """Queue `response` for `sender` (with Triton's response `flags`)."""
+        self.queue.put((sender, response, flags))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            sender, response, flags = item
+            try:
+                sender.send(response, flags=flags)
+            except Exception as exc:  # the client left; the others still get theirs
+                pb_utils.Logger.log_warn(f"stable_diffusion_stream: response not sent: {exc}")
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        self.queue.put(None)
+        self.thread.join()
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a streamed request wants its progress: a preview every `preview_every` steps (0:
+    none), progress at most every `interval_s` seconds (0: every step)."""
+
+    preview_every: int = 0
+    interval_s: float = 0.0
+
+    @classmethod
+    def of(cls, triton_request: Any) -> StreamOptions:
+        """The request's options; InvalidRequest names a negative one."""
+        return cls(
+            int(_option(triton_request, "preview_every")),
+            float(_option(triton_request, "progress_interval_s")),
+        )
+
+
+def _option(triton_request: Any, name: str) -> float:
+    """A streaming option's value (0 when absent); InvalidRequest when negative."""
+    tensor = pb_utils.get_input_tensor_by_name(triton_request, name)
+    value = 0 if tensor is None else _column(tensor)[0].item()
+    if not value >= 0:
+        raise InvalidRequest(f"{name} is {value}; use 0 or more")
+    return value
+
+
+class Progress:
+    """The progress responses of one streamed request: after the first and last steps,
+    after a step with a preview (every `preview_every` steps, never the last, which the
+    image follows), and after any other step `interval_s` or more after the last sent."""
+
+    def __init__(
+        self, sender: Any, outbox: Outbox, options: StreamOptions, count_step: StepObserver
+    ) -> None:
+        self.sender, self.outbox, self.options = sender, outbox, options
+        self.count_step = count_step
+        self.start = self.sent_at = time.perf_counter()
 
     def tensors(self, done: int, total: int) -> list[Any]:
         """The step, the steps in all and the seconds since the request began."""
@@ -82,26 +145,18 @@ class Progress:
         ]
 
     def on_step(self, done: int, total: int, latents: torch.Tensor) -> None:
-        """Send this step's progress; a send that fails (the client left, and the request
-        is cancelled before the next step) is logged, never raised into the batch."""
-        self.steps.increment(1)
+        """Queue this step's progress (and preview) when one is due."""
+        self.count_step(done, total, latents)
+        every = self.options.preview_every
+        preview = bool(every) and done % every == 0 and done < total
+        now = time.perf_counter()
+        if not (preview or done in (1, total) or now - self.sent_at >= self.options.interval_s):
+            return
+        self.sent_at = now
         tensors = self.tensors(done, total)
-        if self.preview_every and done % self.preview_every == 0 and done < total:
+        if preview:
             tensors.append(pb_utils.Tensor("preview", preview_pixels(latents)[np.newaxis]))
-        try:
-            self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
-        except Exception as exc:  # the stream is gone; the row stops at its next step
-            pb_utils.Logger.log_warn(f"stable_diffusion_stream: progress not sent: {exc}")
-
-
-def _preview_every(triton_request: Any) -> int:
-    tensor = pb_utils.get_input_tensor_by_name(triton_request, "preview_every")
-    if tensor is None:
-        return 0
-    every = int(_column(tensor)[0])
-    if every < 0:
-        raise InvalidRequest(f"preview_every is {every}; use 0 (no previews) or more")
-    return every
+        self.outbox.send(self.sender, pb_utils.InferenceResponse(output_tensors=tensors))
 
 
 class TritonPythonModel:
@@ -118,14 +173,17 @@ class TritonPythonModel:
             weights, parameters, max_batch_size=int(config.get("max_batch_size", 0))
         )
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.outbox = Outbox() if self.streaming else None
         # On Triton's /metrics: the UNet work done, row by row, so a cancellation shows
-        # as the steps it saved.
+        # as the steps it saved. Counted here and added once per execution: each increment
+        # is a round trip to the server process, too dear for every step.
         self.steps_family = pb_utils.MetricFamily(
             name="forge_denoising_steps_total",
             description="Denoising steps done, counted once per image (row) per step",
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.steps = self.steps_family.Metric(labels={"model": config["name"]})
+        self.steps_done = 0
         self.core.warm_up()
         pb_utils.Logger.log_info(
             f"{config['name']}: {self.core.model_name} version {self.core.model_version}, "
@@ -133,12 +191,15 @@ class TritonPythonModel:
         )
 
     def finalize(self) -> None:
-        """Let go of the step counter (its metric before its family, as Triton requires)."""
+        """Send what is queued; let go of the step counter (its metric before its family, as
+        Triton requires)."""
+        if self.outbox is not None:
+            self.outbox.close()
         del self.steps
         del self.steps_family
 
     def _count_step(self, done: int, total: int, latents: torch.Tensor) -> None:
-        self.steps.increment(1)
+        self.steps_done += 1
 
     def _rows(self, triton_request: Any, sender: Any) -> list[Row]:
         """The request's rows (a static batch), resolved and validated, in order; streamed,
@@ -163,7 +224,10 @@ class TritonPythonModel:
                     f"a streamed request makes one image, not {len(prompts)}: "
                     "send one request per image"
                 )
-            on_step = Progress(sender, _preview_every(triton_request), self.steps).on_step
+            assert self.outbox is not None  # a sender means a streaming model
+            on_step = Progress(
+                sender, self.outbox, StreamOptions.of(triton_request), self._count_step
+            ).on_step
         rows = []
         for i, text in enumerate(prompts):
             given = {name: OPTIONAL_INPUTS[name](column[i]) for name, column in columns.items()}
@@ -189,6 +253,9 @@ class TritonPythonModel:
             outcomes = self.core.generate_outcomes(all_rows)
         except Exception as exc:  # outside any one batch: fails every request, not the server
             outcomes = [RowFailure("the execution", exc)] * len(all_rows)
+        if self.steps_done:  # before the responses: a client that has its image sees them
+            self.steps.increment(self.steps_done)
+            self.steps_done = 0
         for failure in {id(o): o for o in outcomes if isinstance(o, RowFailure)}.values():
             pb_utils.Logger.log_error(f"stable_diffusion: generation failed: {failure}")
         offset = 0
@@ -197,13 +264,10 @@ class TritonPythonModel:
             offset += len(rows)
         if not self.streaming:
             return responses
+        assert self.outbox is not None
         for sender, response in zip(senders, responses, strict=True):
-            try:
-                sender.send(
-                    _with_status_name(response), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-                )
-            except Exception as exc:  # the client left; the others still get theirs
-                pb_utils.Logger.log_warn(f"stable_diffusion_stream: final response not sent: {exc}")
+            final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            self.outbox.send(sender, _with_status_name(response), final)
         return None
 
 

@@ -67,31 +67,34 @@ def _utf8_text_files() -> None:
         locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 
-class Outbox:
-    """Sends streamed responses on a thread of its own, in the order they are given, so that
-    the denoising loop never waits on a send (each is a round trip to the server process;
-    the networks release the GIL, so sends overlap the next step). A send that fails (the
-    client left, and its request is cancelled before its next step) is logged."""
+class Background:
+    """Runs calls on a thread of its own, in the order given, so that `execute` never waits
+    on a round trip to the server process (a streamed response, a metric update): the
+    networks release the GIL, so these overlap the work. A call that fails (a stream whose
+    client left, and whose request stops before its next step) is logged."""
 
-    def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[tuple[Any, Any, int] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="stream-outbox", daemon=True)
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple, dict] | None] = (
+            queue.SimpleQueue()
+        )
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
-    def send(self, sender: Any, response: Any, flags: int = 0) -> None:
-        """Queue `response` for `sender` (with Triton's response `flags`)."""
-        self.queue.put((sender, response, flags))
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue `fn(*args, **kwargs)`."""
+        self.queue.put((fn, args, kwargs))
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            sender, response, flags = item
+            fn, args, kwargs = item
             try:
-                sender.send(response, flags=flags)
-            except Exception as exc:  # the client left; the others still get theirs
-                pb_utils.Logger.log_warn(f"stable_diffusion_stream: response not sent: {exc}")
+                fn(*args, **kwargs)
+            except Exception as exc:  # one failed send or update; the others go on
+                pb_utils.Logger.log_warn(f"{self.name}: {exc}")
 
     def close(self) -> None:
-        """Send what is queued, then stop."""
+        """Run what is queued, then stop."""
         self.queue.put(None)
         self.thread.join()
 
@@ -128,9 +131,9 @@ class Progress:
     image follows), and after any other step `interval_s` or more after the last sent."""
 
     def __init__(
-        self, sender: Any, outbox: Outbox, options: StreamOptions, count_step: StepObserver
+        self, sender: Any, background: Background, options: StreamOptions, count_step: StepObserver
     ) -> None:
-        self.sender, self.outbox, self.options = sender, outbox, options
+        self.sender, self.background, self.options = sender, background, options
         self.count_step = count_step
         self.start = self.sent_at = time.perf_counter()
 
@@ -156,7 +159,7 @@ class Progress:
         tensors = self.tensors(done, total)
         if preview:
             tensors.append(pb_utils.Tensor("preview", preview_pixels(latents)[np.newaxis]))
-        self.outbox.send(self.sender, pb_utils.InferenceResponse(output_tensors=tensors))
+        self.background.call(self.sender.send, pb_utils.InferenceResponse(output_tensors=tensors))
 
 
 class TritonPythonModel:
@@ -173,10 +176,10 @@ class TritonPythonModel:
             weights, parameters, max_batch_size=int(config.get("max_batch_size", 0))
         )
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
-        self.outbox = Outbox() if self.streaming else None
+        self.background = Background(f"{config['name']} sends")
         # On Triton's /metrics: the UNet work done, row by row, so a cancellation shows
-        # as the steps it saved. Counted here and added once per execution: each increment
-        # is a round trip to the server process, too dear for every step.
+        # as the steps it saved. Counted here and added once per execution, in the
+        # background: each increment is a round trip to the server process.
         self.steps_family = pb_utils.MetricFamily(
             name="forge_denoising_steps_total",
             description="Denoising steps done, counted once per image (row) per step",
@@ -193,8 +196,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         """Send what is queued; let go of the step counter (its metric before its family, as
         Triton requires)."""
-        if self.outbox is not None:
-            self.outbox.close()
+        self.background.close()
         del self.steps
         del self.steps_family
 
@@ -224,9 +226,8 @@ class TritonPythonModel:
                     f"a streamed request makes one image, not {len(prompts)}: "
                     "send one request per image"
                 )
-            assert self.outbox is not None  # a sender means a streaming model
             on_step = Progress(
-                sender, self.outbox, StreamOptions.of(triton_request), self._count_step
+                sender, self.background, StreamOptions.of(triton_request), self._count_step
             ).on_step
         rows = []
         for i, text in enumerate(prompts):
@@ -253,8 +254,8 @@ class TritonPythonModel:
             outcomes = self.core.generate_outcomes(all_rows)
         except Exception as exc:  # outside any one batch: fails every request, not the server
             outcomes = [RowFailure("the execution", exc)] * len(all_rows)
-        if self.steps_done:  # before the responses: a client that has its image sees them
-            self.steps.increment(self.steps_done)
+        if self.steps_done:  # queued before a streamed request's final response
+            self.background.call(self.steps.increment, self.steps_done)
             self.steps_done = 0
         for failure in {id(o): o for o in outcomes if isinstance(o, RowFailure)}.values():
             pb_utils.Logger.log_error(f"stable_diffusion: generation failed: {failure}")
@@ -264,10 +265,9 @@ class TritonPythonModel:
             offset += len(rows)
         if not self.streaming:
             return responses
-        assert self.outbox is not None
         for sender, response in zip(senders, responses, strict=True):
             final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            self.outbox.send(sender, _with_status_name(response), final)
+            self.background.call(sender.send, _with_status_name(response), flags=final)
         return None
 
 

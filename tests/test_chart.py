@@ -350,7 +350,7 @@ def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
     stream_params = {k: v.string_value for k, v in stream_config.parameters.items()}
     assert {k: stream_params[k] for k in params} == params
     inputs = [i.name for i in stream_config.input]
-    assert inputs[0] == "prompt" and inputs[-1] == "preview_every"
+    assert inputs[0] == "prompt" and inputs[-2:] == ["preview_every", "progress_interval_s"]
     assert f"--load-model={streaming.name}" in spec["containers"][0]["args"]
 
 

@@ -14,7 +14,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import problems
+from gateway import metrics, problems
 from gateway.api import assets, health, images, jobs, keys, page
 from gateway.bodies import RequestBodies, document
 from gateway.contract import UnknownContract
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = app.state.services = open_services(settings)
+        metrics.start_gateway_series()
         await svc.contract.load()  # before serving: the first request has its rules
         background = [
             asyncio.create_task(svc.contract.watch(settings.contract_refresh_s)),

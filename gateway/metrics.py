@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from gateway.keys import TIERS
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120)
 
 GENERATION_SECONDS = Histogram(
@@ -80,6 +82,15 @@ SWEPT = Counter(
     "What the sweeper did, by action (requeued, expired, results_sent)",
     ["action"],
 )
+
+
+def start_gateway_series() -> None:
+    """Export the gateway's labelled counters at 0 from the start, so that a rate or a ratio
+    sees their first event (a series born at 1 shows no increase)."""
+    for result in ("hit", "miss"):
+        CACHE_REQUESTS.labels(result)
+    for tier in TIERS:
+        RATE_LIMITED.labels(tier)
 
 
 def start_worker_series() -> None:

@@ -29,7 +29,7 @@ DEPENDENCY_UP = Gauge(
 OPEN_STREAMS = Gauge("forge_open_streams", "Server-sent event streams of generations open now")
 FIRST_PREVIEW_SECONDS = Histogram(
     "forge_time_to_first_preview_seconds",
-    "Time from a streamed request's arrival to its first preview event",
+    "Time from the start of a streamed response to its first preview event",
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30),
 )
 STREAMS_CANCELLED = Counter(

@@ -17,7 +17,8 @@ from launcher.gateway import GatewayServer
 from launcher.triton import Triton
 from tests.polling import wait_until
 from tests.test_gateway import client, gateway_metric, marked
-from tests.test_streaming_model import AXE, steps_done, stream
+from tests.test_streaming_model import AXE, stream
+from tests.triton_state import steps_done
 
 EVENTS = {"Accept": "text/event-stream"}
 SMALL = {"steps": 6, "width": 64, "height": 64, "scheduler": "euler"}

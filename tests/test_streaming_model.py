@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 from dataclasses import replace
 
 import numpy as np
@@ -24,6 +22,7 @@ from gateway.triton_client import (
 )
 from launcher.triton import Triton
 from tests.polling import wait_until
+from tests.triton_state import steps_done
 
 AXE = ImageParams(
     prompt="a frost-forged legendary axe", seed=7, steps=7, width=64, height=64, scheduler="euler"
@@ -56,16 +55,6 @@ async def events(
 
 def stream(triton: Triton, row: ImageParams, preview_every: int, **kw: float) -> list:
     return asyncio.run(events(triton, row, preview_every, **kw))
-
-
-STEPS = re.compile(r'^forge_denoising_steps_total\{model="([a-z_]+)"\} (\S+)$', re.MULTILINE)
-
-
-def steps_done(triton: Triton, model: str = STREAM_MODEL_NAME) -> int:
-    """The model's count of denoising steps (one per image per step), from Triton's metrics."""
-    with urllib.request.urlopen(f"http://{triton.metrics_url}/metrics", timeout=10) as reply:
-        found = dict(STEPS.findall(reply.read().decode()))
-    return int(float(found[model]))
 
 
 @pytest.mark.parametrize("preview_every", [2, 3, 0])

@@ -25,7 +25,14 @@ from typing import Any
 
 import tritonclient.grpc as grpcclient
 
-from gateway.triton_client import MODEL_NAME, ImageParams, generate, make_inputs, make_outputs
+from gateway.triton_client import (
+    MODEL_NAME,
+    STREAM_MODEL_NAME,
+    ImageParams,
+    generate,
+    make_inputs,
+    make_outputs,
+)
 from launcher.triton import Triton
 from tests.polling import wait_until
 
@@ -109,13 +116,25 @@ PENDING = re.compile(
 )
 
 
+def metrics_text(triton: Triton) -> str:
+    """Triton's /metrics, as it reads now."""
+    with urllib.request.urlopen(f"http://{triton.metrics_url}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
 def pending(triton: Triton) -> int:
     """Requests in the model's queue, not yet handed to an instance."""
-    with urllib.request.urlopen(f"http://{triton.metrics_url}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    found = PENDING.search(text)
+    found = PENDING.search(metrics_text(triton))
     assert found, "Triton reports no nv_inference_pending_request_count for the model"
     return int(float(found.group(1)))
+
+
+STEPS = re.compile(r'^forge_denoising_steps_total\{model="([a-z_]+)"\} (\S+)$', re.MULTILINE)
+
+
+def steps_done(triton: Triton, model: str = STREAM_MODEL_NAME) -> int:
+    """The model's count of denoising steps (one per image per step), from Triton's metrics."""
+    return int(float(dict(STEPS.findall(metrics_text(triton)))[model]))
 
 
 def wait_pending(triton: Triton, n: int, what: str = "") -> None:

@@ -171,11 +171,24 @@ async def run_sync(
     except BaseException:
         await claim.release()
         raise
+    await keep_for_replays(claim, result)
+    return await render(request, svc, result, charge.headers())
+
+
+async def keep_for_replays(claim: Claim, result: ImageResult) -> None:
+    """Store the result for Idempotency-Key replays; a Redis failure here is logged: the
+    image is made and stored, so the client gets it all the same."""
     try:
         await claim.complete(result.model_dump(mode="json"))
-    except RedisError:  # the image is made and stored: the client gets it all the same
+    except RedisError:
         log.warning("could not keep the result for Idempotency-Key replays", exc_info=True)
-    return await render(request, svc, result, charge.headers())
+
+
+def clients_doing(exc: Exception) -> bool:
+    """Whether a failed generation is the client's doing (an invalid request), which keeps
+    its charge; anything else failed on the server's side. A client that went away
+    (cancellation, not an Exception) keeps its charge too."""
+    return isinstance(exc, ModelRejected | Problem)
 
 
 async def generate_or_refund(
@@ -185,10 +198,9 @@ async def generate_or_refund(
     failed or is away, a store failed) gives the charge back."""
     try:
         return await cancel_on_disconnect(request, svc.generator.generate(spec, source="sync"))
-    except (ModelRejected, Problem, asyncio.CancelledError):
-        raise  # the client's doing: an invalid request, or it went away
-    except Exception:
-        await svc.limiter.refund(key.id, key.tier, units)
+    except Exception as exc:
+        if not clients_doing(exc):
+            await svc.limiter.refund(key.id, key.tier, units)
         raise
 
 
@@ -204,8 +216,8 @@ async def stream(
     """The events of one streamed generation: progress and previews, then `result` or
     `error`. A client that disconnects cancels the model's work (it stops before its next
     step); a failure on the server's side gives the charge back, as the JSON form does."""
-    received = time.perf_counter()
-    previews = 0
+    started = time.perf_counter()
+    previewed = False
     metrics.OPEN_STREAMS.inc()
     try:
         async with aclosing(
@@ -213,15 +225,12 @@ async def stream(
         ) as generation:
             async for event in generation:
                 if isinstance(event, Progress):
-                    if event.preview is not None and not previews:
-                        metrics.FIRST_PREVIEW_SECONDS.observe(time.perf_counter() - received)
-                    previews += event.preview is not None
+                    if event.preview is not None and not previewed:
+                        metrics.FIRST_PREVIEW_SECONDS.observe(time.perf_counter() - started)
+                        previewed = True
                     yield progress_event(event)
                     continue
-                try:
-                    await claim.complete(event.model_dump(mode="json"))
-                except RedisError:
-                    log.warning("could not keep the result for Idempotency-Key replays")
+                await keep_for_replays(claim, event)
                 yield sse("result", event)
     except asyncio.CancelledError:
         metrics.STREAMS_CANCELLED.inc()
@@ -229,7 +238,7 @@ async def stream(
         raise
     except Exception as exc:
         await claim.release()
-        if not isinstance(exc, ModelRejected | Problem):
+        if not clients_doing(exc):
             await svc.limiter.refund(key.id, key.tier, units)
         problem = as_problem(exc, request.url.path, svc.settings.retry_after_s)
         yield sse("error", problem.body(request.url.path))

@@ -8,6 +8,7 @@ edge and the worker each map them in one place.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import time
 from collections.abc import AsyncGenerator
@@ -40,6 +41,23 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
     else:
         Image.fromarray(pixels).save(buffer, format="PNG", compress_level=PNG_LEVEL)
     return buffer.getvalue()
+
+
+def progress_event(progress: Progress) -> tuple[str, dict[str, Any]]:
+    """A step of a generation as an event for clients: `progress` (step, total_steps,
+    elapsed_ms) or, where the step brought a preview, `preview` (the same, and the
+    preview's width, height and image: a PNG data URL)."""
+    data: dict[str, Any] = {
+        "step": progress.step,
+        "total_steps": progress.total_steps,
+        "elapsed_ms": round(progress.elapsed_s * 1000, 1),
+    }
+    if progress.preview is None:
+        return "progress", data
+    height, width = progress.preview.shape[:2]
+    png = base64.b64encode(encode(progress.preview, "png")).decode("ascii")
+    image = f"data:image/png;base64,{png}"
+    return "preview", data | {"width": width, "height": height, "image": image}
 
 
 def triton_params(spec: ImageSpec) -> ImageParams:

@@ -36,13 +36,18 @@ STREAMS_CANCELLED = Counter(
     "forge_streams_cancelled_total",
     "Streamed generations stopped because the client disconnected",
 )
+JOB_ITEMS_CANCELLED = Counter(
+    "forge_job_items_cancelled_total",
+    "Job items cancelled by their client (DELETE /v1/jobs/{id}), by the state they were in",
+    ["state"],
+)
 TRITON_ERRORS = Counter("forge_triton_errors_total", "Failed Triton calls by status", ["status"])
 
 # Kafka workers (served on the worker's metrics port, 9300 by default)
 JOBS = Counter(
     "forge_jobs_total",
     "Job items handled by workers, by topic and outcome "
-    "(succeeded, failed, retried, dead_lettered, duplicate, orphaned: its job is gone)",
+    "(succeeded, failed, retried, dead_lettered, duplicate, cancelled, orphaned: its job is gone)",
     ["topic", "outcome"],
 )
 JOB_QUEUE_WAIT = Histogram(
@@ -91,6 +96,8 @@ def start_gateway_series() -> None:
         CACHE_REQUESTS.labels(result)
     for tier in TIERS:
         RATE_LIMITED.labels(tier)
+    for state in ("queued", "running"):
+        JOB_ITEMS_CANCELLED.labels(state)
 
 
 def start_worker_series() -> None:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 Format = Literal["png", "webp"]
 Priority = Literal["priority", "standard", "bulk"]
-ItemStatus = Literal["queued", "running", "succeeded", "failed"]
+ItemStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def _whole_number(value: Any) -> Any:
@@ -153,6 +153,14 @@ class JobOptions(Strict):
     )
 
 
+class StepProgress(BaseModel):
+    """How far a running image is: the denoising step just done, of how many."""
+
+    step: int
+    total_steps: int
+    elapsed_ms: float = Field(description="since the image model started the image")
+
+
 class JobItem(BaseModel):
     """One image of a job and its state."""
 
@@ -161,6 +169,7 @@ class JobItem(BaseModel):
     result: ImageResult | None = None
     error: str | None = None
     attempts: int = 0
+    progress: StepProgress | None = Field(None, description="a running item's current step")
 
 
 class JobStatus(BaseModel):
@@ -172,4 +181,6 @@ class JobStatus(BaseModel):
     updated_at: float
     priority: Priority
     items: list[JobItem]
+    items_done: int = Field(description="items finished: succeeded, failed or cancelled")
+    items_total: int
     error: str | None = Field(None, description="why the job failed, if it did")

@@ -111,6 +111,12 @@ def open_services(settings: Settings) -> Services:
             settings.public_base_url,
         ),
         weapons=weapons,
-        jobs=JobStore(redis, settings.job_ttl_s, settings.topic_prefix),
+        jobs=JobStore(
+            redis,
+            settings.job_ttl_s,
+            settings.topic_prefix,
+            settings.job_events_max,
+            settings.job_events_ttl_s,
+        ),
         queue=JobQueue(settings),
     )

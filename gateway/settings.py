@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     max_job_items: int = 100
     job_ttl_s: int = 7 * 86_400
     worker_concurrency: int = 4
+    # Job progress: a preview every this many steps (0: none), in a job's event stream
+    # (GET /v1/jobs/{id}/events) of at most job_events_max events (the oldest trimmed),
+    # kept job_events_ttl_s after the job finished (its status is kept job_ttl_s).
+    job_preview_every: int = Field(5, ge=0)
+    job_events_max: int = Field(1000, ge=10)
+    job_events_ttl_s: int = Field(600, ge=1)
     worker_metrics_port: int = 9300
     # Longer than the longest job (a poll gap past it makes the broker drop the worker).
     max_poll_interval_ms: int = 900_000

@@ -307,11 +307,9 @@ class AsyncTriton:
             max_batch_size=int(config.get("max_batch_size", 0)),
         )
 
-    async def ready(self) -> bool:
-        """Whether the model is loaded and ready for requests."""
-        return bool(
-            await self._call(lambda: self.client.is_model_ready(MODEL_NAME, client_timeout=2.0))
-        )
+    async def ready(self, model: str = MODEL_NAME) -> bool:
+        """Whether `model` is loaded and ready for requests."""
+        return bool(await self._call(lambda: self.client.is_model_ready(model, client_timeout=2.0)))
 
     async def close(self) -> None:
         """Close the gRPC channel."""

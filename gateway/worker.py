@@ -4,7 +4,9 @@ One consumer group. Each poll takes up to `worker_concurrency` items, highest pr
 first (each tier's requests, then its retries; lower topics wait while a higher one has a
 backlog), generates them concurrently so Triton's batcher gets them together, and commits
 a partition's offset only past items that are done: stored, their state written, their
-results message sent. An item that is not done is read again:
+results message sent. Items are made by the streaming model, each step recorded as the
+item's progress (`gateway.jobs`); a write that finds the item cancelled closes the stream,
+so the model stops before its next step. An item that is not done is read again:
 
 - the image model is away (Triton down or loading): the worker stops taking work (every
   partition paused, reported not ready) until Triton answers again; the item's attempts
@@ -43,13 +45,15 @@ from gateway.assets import StoreUnavailable
 from gateway.backoff import jittered
 from gateway.callbacks import Outbox
 from gateway.contract import UnknownContract
+from gateway.generation import progress_event
 from gateway.jobs import TERMINAL, JobMessage, Written
 from gateway.queue import QueueUnavailable
+from gateway.schemas import ImageResult
 from gateway.services import open_services
 from gateway.settings import Settings
 from gateway.sweeper import Sweeper, results_message
 from gateway.topics import Topics, ensure_topics
-from gateway.triton_client import ModelError, ModelFailed, ModelRejected
+from gateway.triton_client import STREAM_MODEL_NAME, ModelError, ModelFailed, ModelRejected
 from gateway.worker_probe import serve_probes
 
 log = logging.getLogger("gateway.worker")
@@ -173,7 +177,7 @@ class Worker:
         self.consumer.pause(*self.consumer.assignment())
         await self.consumer.getmany(timeout_ms=1000)
         try:
-            answering = await self.services.triton.ready()
+            answering = await self.services.triton.ready(STREAM_MODEL_NAME)
         except ModelError:
             return
         if answering and not self.services.contract.known:
@@ -310,9 +314,7 @@ class Worker:
             )
             return Outcome.DONE, 0.0
         if state["status"] in TERMINAL:
-            metrics.JOBS.labels(record.topic, "duplicate").inc()
-            if not await self.jobs.sent(message.job_id, message.index):
-                await self.send_results(message)
+            await self.finished_before(record, message)
             return Outcome.DONE, 0.0
         if message.not_before > time.time():
             return Outcome.DEFERRED, message.not_before
@@ -324,13 +326,15 @@ class Worker:
     async def generate(self, record: Record, message: JobMessage) -> None:
         """Make, store and record the item's image; its own failures retried or failed."""
         attempts = message.attempt + 1
-        await self.jobs.set_item(message.job_id, message.index, "running", attempts=attempts)
+        running = await self.jobs.set_item(
+            message.job_id, message.index, "running", attempts=attempts
+        )
+        if running is not Written.WRITTEN:  # cancelled meanwhile, or the job expired
+            await self.finished_before(record, message)
+            return
         metrics.JOBS_IN_FLIGHT.inc()
         try:
-            spec = message.spec
-            result = await self.generator.cached(spec) or await self.generator.generate(
-                spec, source="job"
-            )
+            result = await self.make(message)
         except ModelRejected as exc:
             await self.fail(record, message, "invalid", exc.message)
             return
@@ -348,11 +352,42 @@ class Worker:
             raise
         finally:
             metrics.JOBS_IN_FLIGHT.dec()
+        if result is None:  # cancelled while it ran
+            await self.finished_before(record, message)
+            return
         written = await self.jobs.set_item(
             message.job_id, message.index, "succeeded", attempts=attempts, result=result
         )
         if written in (Written.WRITTEN, Written.JOB_FINISHED):
             metrics.JOBS.labels(record.topic, "succeeded").inc()
+            await self.send_results(message)
+
+    async def make(self, message: JobMessage) -> ImageResult | None:
+        """The item's image, from the cache or made with its progress recorded step by
+        step; None if the item was cancelled meanwhile (the model's work stopped)."""
+        spec = message.spec
+        cached = await self.generator.cached(spec)
+        if cached is not None:
+            return cached
+        generation = self.generator.generation(
+            spec, source="job", preview_every=self.settings.job_preview_every
+        )
+        async with contextlib.aclosing(generation) as events:
+            async for event in events:
+                if isinstance(event, ImageResult):
+                    return event
+                name, data = progress_event(event)
+                if not await self.jobs.progress(message.job_id, message.index, name, data):
+                    return None
+        raise AssertionError("a generation ends with its result or an exception")
+
+    async def finished_before(self, record: Record, message: JobMessage) -> None:
+        """An item that finished elsewhere (a redelivered duplicate, or cancelled by its
+        client): its results message sent if it was not yet."""
+        state = await self.jobs.item(message.job_id, message.index)
+        cancelled = state is not None and state["status"] == "cancelled"
+        metrics.JOBS.labels(record.topic, "cancelled" if cancelled else "duplicate").inc()
+        if not await self.jobs.sent(message.job_id, message.index):
             await self.send_results(message)
 
     async def send_results(self, message: JobMessage) -> None:

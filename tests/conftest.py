@@ -311,16 +311,13 @@ class JobsStack:
         return self.workdir / "assets"
 
     def env(self, **extra: str) -> dict[str, str]:
-        return gateway_env(
-            self.triton,
-            self.redis,
-            self.assets,
-            FORGE_KAFKA_BOOTSTRAP=self.broker.bootstrap,
-            FORGE_TOPIC_PREFIX=self.prefix,
-            FORGE_TOPIC_PARTITIONS="2",
-            FORGE_CONSUMER_GROUP=f"{self.prefix}workers",
-            **extra,
-        )
+        stack = {
+            "FORGE_KAFKA_BOOTSTRAP": self.broker.bootstrap,
+            "FORGE_TOPIC_PREFIX": self.prefix,
+            "FORGE_TOPIC_PARTITIONS": "2",
+            "FORGE_CONSUMER_GROUP": f"{self.prefix}workers",
+        }
+        return gateway_env(self.triton, self.redis, self.assets, **(stack | extra))
 
     def start_gateway(self, **extra: str) -> GatewayServer:
         self.gateway = GatewayServer(self.workdir, self.env(**extra)).start()

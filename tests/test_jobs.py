@@ -189,7 +189,7 @@ def test_a_triton_outage_pauses_the_workers_and_fails_nothing(
     nothing fails or counts an attempt, and every job succeeds once Triton is back."""
     own = Triton(repository, tmp_path / "own-triton").start()
     try:
-        own.load()
+        own.load_served()
         jobs_stack.triton = own
         jobs_stack.start_gateway()
         worker = jobs_stack.start_worker()
@@ -210,7 +210,7 @@ def test_a_triton_outage_pauses_the_workers_and_fails_nothing(
             assert {j["status"] for j in during} == {"queued"}
             assert {j["items"][0]["attempts"] for j in during} == {0}
             own.start()
-            own.load()
+            own.load_served()
             jobs = [wait_for(c, job_id, {"succeeded", "failed"}) for job_id in ids]
         assert {j["status"] for j in jobs} == {"succeeded"}
         assert {j["items"][0]["attempts"] for j in jobs} == {1}  # the outage was not an attempt

@@ -4,7 +4,7 @@ Alertmanager (the chart's alertmanager.yml, webhooks pointed at a receiver in th
 
 - Every recording rule evaluates without error and returns data, and so does every query of
   every dashboard panel, after traffic that exercises each path (sync, cache hit, invalid
-  input, rate limit, readiness, jobs that succeed, retry and dead-letter).
+  input, rate limit, readiness, jobs that succeed, retry, dead-letter and are cancelled).
 - Triton stopped: TritonDown (the production rule, `for: 1m`) fires in Prometheus and
   Alertmanager delivers it to the webhook through the `pager` (critical) route.
 """
@@ -215,6 +215,10 @@ def one_round(c: httpx.Client, bulk_key: str, round_: int) -> None:
             {"prompt": f"{TOO_MANY_TOKENS}{round_}", **SMALL},
         )
     ]
+    # A long job its client cancels at once (its items queued or just started).
+    long = {"prompt": f"a dropped flail {round_}", "steps": 150, "width": 256, "height": 256}
+    dropped = c.post("/v1/jobs", json={"images": [long, long]}).json()["id"]
+    assert c.delete(f"/v1/jobs/{dropped}").json()["status"] == "cancelled"
     for job_id in ids:
         wait_until(
             f"job {job_id} done",
@@ -304,6 +308,7 @@ def test_every_recording_rule_and_dashboard_query_returns_data(
     assert 0 <= value("forge:generation_errors:ratio_rate5m") < 1
     assert value("sum(reason:forge_dead_letters:increase1h)") >= 1
     assert value('sum(rate(forge_rate_limited_total{tier="bulk"}[5m]))') > 0
+    assert value("sum(forge_job_items_cancelled_total)") >= 1
 
 
 def webhook_receiver() -> tuple[ThreadingHTTPServer, list[dict[str, Any]]]:

@@ -218,7 +218,9 @@ def test_a_broker_that_lost_its_messages_is_repaired_by_the_sweeper(
 def test_job_state_is_never_resurrected_nor_overwritten(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         redis = Redis.from_url(redis_server.url)
-        jobs = JobStore(redis, ttl_s=60, topic_prefix="state-test.")
+        jobs = JobStore(
+            redis, ttl_s=60, topic_prefix="state-test.", events_max=100, events_ttl_s=60
+        )
         spec = ImageSpec(
             prompt="x",
             negative_prompt="",

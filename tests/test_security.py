@@ -321,7 +321,7 @@ def test_work_the_server_fails_is_refunded(
     small = {"prompt": "a cheap knife", "steps": 1, "width": 64, "height": 64}  # 1 unit
     big = {"prompt": "a costly hammer", "steps": 40, "width": 256, "height": 256}  # 10 units
     try:
-        own.load()
+        own.load_served()
         env = {"FORGE_RATE_LIMIT": "100000 per 1 year"}
         stack.start_gateway(**env)
         stack.start_worker(**env, FORGE_ITEM_DEADLINE_S="3", FORGE_SWEEP_EVERY_S="1")
@@ -334,7 +334,7 @@ def test_work_the_server_fails_is_refunded(
             failed = wait_for(c, job.json()["id"], {"succeeded", "failed"})
             assert failed["status"] == "failed" and "deadline" in failed["error"]
             own.start()
-            own.load()
+            own.load_served()
             after = int(c.post("/v1/images", json=small).headers["RateLimit-Remaining"])
         assert after == before - 1  # only the two small requests stayed charged
     finally:

@@ -24,18 +24,25 @@ EVENTS = {"Accept": "text/event-stream"}
 SMALL = {"steps": 6, "width": 64, "height": 64, "scheduler": "euler"}
 
 
-def read_events(reply: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event, JSON data) per server-sent event, as they arrive; comments skipped."""
-    event, data = "message", []
+def read_sse(reply: httpx.Response) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(id, event, JSON data) per server-sent event, as they arrive; comments skipped."""
+    event_id, event, data = "", "message", []
     for line in reply.iter_lines():
         if line == "":
             if data:
-                yield event, json.loads("\n".join(data))
-            event, data = "message", []
+                yield event_id, event, json.loads("\n".join(data))
+            event_id, event, data = "", "message", []
+        elif line.startswith("id:"):
+            event_id = line[len("id:") :].strip()
         elif line.startswith("event:"):
             event = line[len("event:") :].strip()
         elif line.startswith("data:"):
             data.append(line[len("data:") :].strip())
+
+
+def read_events(reply: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, JSON data) per server-sent event, as they arrive."""
+    return ((event, data) for _, event, data in read_sse(reply))
 
 
 def streamed(

@@ -11,6 +11,7 @@ from gateway.problems import PROBLEM_JSON
 from gateway.schemas import ProblemDetails
 
 IMMUTABLE = "public, max-age=31536000, immutable"
+EVENT_STREAM = "text/event-stream"
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -37,3 +38,13 @@ IdempotencyKey = Annotated[
     ),
 ]
 IfNoneMatch = Annotated[str | None, Header()]
+LastEventId = Annotated[
+    str | None,
+    Header(
+        alias="Last-Event-ID",
+        description=(
+            "the id of the last event received: the stream resumes after it (a value that is "
+            "not an event id of this API replays the stream from its start)"
+        ),
+    ),
+]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -18,10 +17,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from gateway import metrics
 from gateway.api.deps import GenerateKey, ImageBody, Parsed, ServicesDep, WeaponBody
-from gateway.api.http import IdempotencyKey, problems
+from gateway.api.http import EVENT_STREAM, IdempotencyKey, problems
 from gateway.assets import MEDIA_TYPES
 from gateway.bodies import contract_body
-from gateway.generation import encode
+from gateway.generation import progress_event
 from gateway.idempotency import Claim
 from gateway.keys import ApiKey
 from gateway.problems import Problem, as_problem, unavailable
@@ -31,7 +30,6 @@ from gateway.services import Services
 from gateway.triton_client import ModelRejected, Progress
 
 GENERATION_ERRORS = problems(400, 401, 403, 406, 409, 413, 422, 429, 499, 502, 503)
-EVENT_STREAM = "text/event-stream"
 IMAGE_CONTENT = {
     "description": (
         "the result, or the image itself with `Accept: image/png` or `image/webp`; with "
@@ -102,21 +100,6 @@ def sse(event: str, data: dict[str, Any] | ImageResult) -> ServerSentEvent:
     """One server-sent event with a JSON payload."""
     payload = data.model_dump_json() if isinstance(data, ImageResult) else json.dumps(data)
     return ServerSentEvent(event=event, data=payload)
-
-
-def progress_event(progress: Progress) -> ServerSentEvent:
-    """A `progress` event, or a `preview` event where the step brought a preview."""
-    data: dict[str, Any] = {
-        "step": progress.step,
-        "total_steps": progress.total_steps,
-        "elapsed_ms": round(progress.elapsed_s * 1000, 1),
-    }
-    if progress.preview is None:
-        return sse("progress", data)
-    height, width = progress.preview.shape[:2]
-    png = base64.b64encode(encode(progress.preview, "png")).decode("ascii")
-    data |= {"width": width, "height": height, "image": f"data:image/png;base64,{png}"}
-    return sse("preview", data)
 
 
 async def render(
@@ -228,7 +211,7 @@ async def stream(
                     if event.preview is not None and not previewed:
                         metrics.FIRST_PREVIEW_SECONDS.observe(time.perf_counter() - started)
                         previewed = True
-                    yield progress_event(event)
+                    yield sse(*progress_event(event))
                     continue
                 await keep_for_replays(claim, event)
                 yield sse("result", event)

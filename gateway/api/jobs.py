@@ -1,4 +1,5 @@
-"""Async jobs: submit (`POST /v1/jobs`, `POST /v1/weapons/jobs`: 202 + Location) and poll.
+"""Async jobs: submit (`POST /v1/jobs`, `POST /v1/weapons/jobs`: 202 + Location), poll,
+watch (server-sent events) and cancel.
 
 Submission bodies are shaped by the generation contract, like the sync ones; workers do the
 generating.
@@ -6,19 +7,23 @@ generating.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from gateway import metrics
 from gateway.api.deps import GenerateKey, ImageJobBody, Parsed, ServicesDep, WeaponJobBody
-from gateway.api.http import IdempotencyKey, problems
+from gateway.api.http import EVENT_STREAM, IdempotencyKey, LastEventId, problems
 from gateway.bodies import contract_body
 from gateway.callback_urls import UnsafeCallback
 from gateway.idempotency import Claim
-from gateway.jobs import JobMessage, new_job_id
+from gateway.jobs import TERMINAL, JobMessage, new_job_id
 from gateway.keys import ApiKey
 from gateway.problems import Problem
 from gateway.ratelimit import cost
@@ -26,6 +31,7 @@ from gateway.schemas import ImageSpec, JobOptions, JobStatus
 from gateway.services import Services
 from gateway.topics import TIERS, Topics
 
+EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream entry id
 SUBMIT_ERRORS = problems(400, 401, 403, 404, 409, 413, 422, 429, 503)
 router = APIRouter(tags=["jobs"])
 
@@ -181,16 +187,97 @@ async def create_weapon_job(
     return await submit(request, svc, key, parsed, specs, idempotency_key)
 
 
+async def owned(svc: Services, key: ApiKey, job_id: str) -> dict[str, Any]:
+    """The job's meta; 404 if there is no such job of this key (other keys' jobs do not
+    exist for it)."""
+    meta = await svc.jobs.meta(job_id)
+    if meta is None or meta["api_key_id"] != key.id:
+        raise Problem(404, "Not Found", f"no job {job_id}")
+    return meta
+
+
 @router.get(
     "/v1/jobs/{job_id}",
     response_model=JobStatus,
     responses=problems(401, 403, 404, 503),
 )
 async def get_job(job_id: str, svc: ServicesDep, key: GenerateKey) -> JobStatus:
-    """queued, running, succeeded (with asset URLs) or failed (with a reason)."""
-    meta = await svc.jobs.meta(job_id)
-    if meta is None or meta["api_key_id"] != key.id:  # other keys' jobs do not exist for you
-        raise Problem(404, "Not Found", f"no job {job_id}")
+    """queued, running (each running item with its current step), succeeded (with asset
+    URLs), failed (with a reason) or cancelled."""
+    await owned(svc, key, job_id)
     status = await svc.jobs.status(job_id)
     assert status is not None
     return status
+
+
+@router.delete(
+    "/v1/jobs/{job_id}",
+    response_model=JobStatus,
+    responses=problems(401, 403, 404, 409, 503),
+)
+async def cancel_job(job_id: str, svc: ServicesDep, key: GenerateKey) -> JobStatus:
+    """Cancel the job: its queued items are not made and its running items stop at their
+    next step; finished items keep their results. The job ends `cancelled` (its callback
+    says so), and its queued items' charge is given back. Cancelling a cancelled job again
+    changes nothing; a job that succeeded or failed cannot be cancelled (409)."""
+    meta = await owned(svc, key, job_id)
+    cancelled = await svc.jobs.cancel(job_id, meta)
+    status = await svc.jobs.status(job_id)
+    assert status is not None
+    if not cancelled and status.status != "cancelled":
+        raise Problem(409, "Conflict", f"job {job_id} has {status.status} already")
+    queued = [index for index, was in cancelled.items() if was == "queued"]
+    units = [m.units for m in [await svc.jobs.message(job_id, i) for i in queued] if m]
+    if units:
+        await svc.limiter.refund(key.id, key.tier, sum(units))
+    for was in cancelled.values():
+        metrics.JOB_ITEMS_CANCELLED.labels(was).inc()
+    return status
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": (
+                "server-sent events, each with an id: `item` when an item's state changes "
+                "(`index` and the item's state), `progress` as running items advance "
+                "(`index`, `step`, `total_steps`, `elapsed_ms`), `preview` every "
+                "FORGE_JOB_PREVIEW_EVERY steps (the same and `width`, `height`, `image`: a "
+                "small PNG data URL); once the job has finished, `status` (the job, as GET "
+                "/v1/jobs/{id} answers) ends the stream. A reconnecting client sends "
+                "Last-Event-ID and gets the events after it (of the newest "
+                "FORGE_JOB_EVENTS_MAX kept)."
+            ),
+            "content": {EVENT_STREAM: {}},
+        },
+        **problems(401, 403, 404, 503),
+    },
+)
+async def job_events(
+    job_id: str, svc: ServicesDep, key: GenerateKey, last_event_id: LastEventId = None
+) -> EventSourceResponse:
+    """Watch a job: its items' states, steps and previews as they happen."""
+    await owned(svc, key, job_id)
+    after = last_event_id if last_event_id and EVENT_ID.fullmatch(last_event_id) else "0"
+    return EventSourceResponse(follow(svc, job_id, after), ping=15)
+
+
+async def follow(svc: Services, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
+    """The job's events after the id `after`, as they are written, then its status once it
+    has finished (or nothing more, if it expired meanwhile). Each state write adds its
+    event in the same atomic step, so the events read after seeing the job finished
+    include every one it had."""
+    while True:
+        status = await svc.jobs.status(job_id)
+        if status is None:
+            return
+        finished = status.status in TERMINAL
+        events = await svc.jobs.events(job_id, after, None if finished else 2000)
+        for event_id, name, data in events:
+            yield ServerSentEvent(id=event_id, event=name, data=data)
+            after = event_id
+        if finished and not events:
+            yield ServerSentEvent(event="status", data=status.model_dump_json())
+            return

@@ -40,7 +40,15 @@ if not CHROMIUM.exists():
         allow_module_level=True,
     )
 
-from playwright.sync_api import Browser, Page, Request, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import (  # noqa: E402
+    Browser,
+    Page,
+    Request,
+    Response,
+    Route,
+    expect,
+    sync_playwright,
+)
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -56,6 +64,7 @@ ARTIFACTS = Path(os.environ.get("FORGE_TEST_ARTIFACTS", ROOT / "var" / "test-art
 # window keeps the Retry-After countdown short.
 RATE_LIMIT = "200 per 12 seconds"
 FAST = {"steps": "4", "size": "64x64"}
+AUTH = {"Authorization": f"Bearer {DEV_KEY}"}
 TEMPLATES: Path = Settings.model_fields["weapon_templates"].default
 
 
@@ -138,7 +147,24 @@ def choose(page: Page, **values: str) -> None:
 
 
 def cards(page: Page) -> Any:
-    return page.locator("#gallery > li")
+    """The gallery's image cards (a running job's cards are not, until their image is in)."""
+    return page.locator("#gallery > li[data-asset-id]")
+
+
+def job_cards(page: Page, job_id: str, **attributes: str) -> Any:
+    """A job's cards that are still the job's (an item's image card replaces its job card)."""
+    selector = "".join(f'[data-{k}="{v}"]' for k, v in attributes.items())
+    return page.locator(f'#gallery > li[data-job-id="{job_id}"]{selector}')
+
+
+def step(card: Any) -> int:
+    """The step a job card's progress bar stands at."""
+    return int(card.locator("progress").evaluate("b => b.value"))
+
+
+def job_id_of(response: Response) -> str:
+    """The id of the job a submission's response made."""
+    return str(response.json()["id"])
 
 
 def card_info(page: Page, nth: int = 0) -> dict[str, Any]:
@@ -304,7 +330,7 @@ def test_forge_streams_then_same_seed_then_variations_as_an_async_job(
     sent = posts(requests, "/v1/weapons")[-1]
     assert sent["seed"] == first["seed"]  # exact, beyond 2**53
 
-    # Variations: the next three seeds, as one async job (polling the Location it gave);
+    # Variations: the next three seeds, as one async job (followed at the Location it gave);
     # three different images.
     cards(page).nth(0).get_by_role("button", name=re.compile("^Variations")).click()
     expect(cards(page)).to_have_count(5, timeout=90_000)
@@ -347,6 +373,143 @@ def test_a_forge_shows_its_progress_and_preview_and_can_be_cancelled(
         "the gateway to count the cancelled stream",
         lambda: gateway_metric(stack.gateway, "forge_streams_cancelled_total") > cancelled_before,
     )
+
+
+def test_a_jobs_cards_show_each_images_progress_and_preview_and_the_job_can_be_cancelled(
+    jobs_stack: JobsStack, page: Page
+) -> None:
+    """Variations are a job the page follows through its event stream: a card per image, with
+    its step and its latest preview while the worker makes it. Cancel cancels the job; the
+    images made stay. The one worker makes one image at a time, so images are still queued
+    when Cancel is pressed."""
+    jobs_stack.start_gateway()
+    jobs_stack.start_worker(FORGE_WORKER_CONCURRENCY="1")
+    url = gateway_url(jobs_stack)
+    requests: list[Request] = []
+    page.on("request", lambda r: requests.append(r))
+    open_forge(page, url)
+    choose(page, weapon_type="hammer", material="bronze", steps="150", size="256x256")
+    page.get_by_role("button", name="Forge", exact=True).click()
+    expect(cards(page)).to_have_count(1, timeout=120_000)
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/weapons/jobs") as submitted:
+        cards(page).nth(0).get_by_role("button", name=re.compile("^Variations")).click()
+    job_id = job_id_of(submitted.value)
+    expect(job_cards(page, job_id)).to_have_count(3)
+    status = page.locator("#status")
+    expect(status).to_have_text(re.compile(r"^Variations of image 1: [0-2] of 3 done…$"))
+
+    # The running image's card: its bar advances, step by step, and a preview comes.
+    running = job_cards(page, job_id, status="running")
+    expect(running).to_have_count(1, timeout=60_000)
+    card = job_cards(page, job_id, index=running.get_attribute("data-index") or "")
+    expect(card.locator("progress")).to_have_attribute("max", "150")
+    expect(card.locator(".step")).to_have_text(re.compile(r"^Step [1-9]\d* of 150$"))
+    first = step(card)
+    wait_until(f"the bar to pass step {first}", lambda: step(card) > first)
+    preview = card.locator("img.job-preview")
+    expect(preview).to_be_visible(timeout=60_000)
+    expect(preview).to_have_js_property("complete", True)
+    assert (preview.get_attribute("src") or "").startswith("data:image/png")
+    assert preview.evaluate("i => i.naturalWidth") > 0
+    assert step(card) > first
+    shot(page, "09-job-running")
+
+    with page.expect_response(lambda r: r.request.method == "DELETE") as deleted:
+        page.get_by_role("button", name="Cancel").click()
+    assert deleted.value.status == 200 and urlsplit(deleted.value.url).path == f"/v1/jobs/{job_id}"
+    expect(status).to_have_text(
+        re.compile(r"^Variations of image 1: cancelled, [0-2] of 3 images made\.$")
+    )
+    expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+    expect(page.get_by_role("button", name="Forge", exact=True)).to_be_enabled()
+
+    # The gateway and the page agree: cancelled images say so, made ones are image cards.
+    job = httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH).json()
+    assert job["status"] == "cancelled"
+    cancelled = [i["index"] for i in job["items"] if i["status"] == "cancelled"]
+    made = [i["result"]["id"] for i in job["items"] if i["status"] == "succeeded"]
+    assert cancelled and len(cancelled) + len(made) == 3, job["items"]
+    said = job_cards(page, job_id, status="cancelled")
+    expect(said.locator(".state")).to_have_text(["Cancelled"] * len(cancelled))
+    assert sorted(said.evaluate_all("cs => cs.map(c => Number(c.dataset.index))")) == cancelled
+    expect(cards(page)).to_have_count(1 + len(made))
+    assert sorted(card_info(page, i)["id"] for i in range(len(made))) == sorted(made)
+    # Followed through its event stream alone: the page never polled the job.
+    paths = [(r.method, urlsplit(r.url).path) for r in requests]
+    assert ("GET", f"/v1/jobs/{job_id}/events") in paths
+    assert ("GET", f"/v1/jobs/{job_id}") not in paths
+    shot(page, "10-job-cancelled")
+
+
+def test_a_dropped_job_stream_is_resumed_and_a_gateway_without_one_is_polled(
+    stack: JobsStack, page: Page
+) -> None:
+    url = gateway_url(stack)
+    requests: list[Request] = []
+    page.on("request", lambda r: requests.append(r))
+    open_forge(page, url)
+    choose(page, weapon_type="spear", material="bone", **FAST)
+    page.get_by_role("button", name="Forge", exact=True).click()
+    expect(cards(page)).to_have_count(1, timeout=60_000)
+
+    # The first event stream ends after its first event (that much of the real stream);
+    # the page opens it again, asking for the events after that one.
+    cut: list[str] = []
+
+    def cut_first_stream(route: Route) -> None:
+        if cut:
+            route.continue_()
+            return
+        block = first_event(url + urlsplit(route.request.url).path)
+        cut.append(re.findall(r"^id: *(.+)$", block, re.M)[0])
+        route.fulfill(status=200, content_type="text/event-stream", body=block)
+
+    page.route("**/v1/jobs/*/events", cut_first_stream)
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/weapons/jobs") as submitted:
+        cards(page).nth(0).get_by_role("button", name=re.compile("^Variations")).click()
+    job_id = job_id_of(submitted.value)
+    expect(page.locator("#status")).to_have_text(
+        "Variations of image 1: done, 3 images added to the gallery.", timeout=90_000
+    )
+    expect(cards(page)).to_have_count(4)
+    expect(job_cards(page, job_id)).to_have_count(0)
+    streams = [r for r in requests if urlsplit(r.url).path == f"/v1/jobs/{job_id}/events"]
+    assert len(streams) >= 2 and "last-event-id" not in streams[0].headers
+    assert streams[1].headers["last-event-id"] == cut[0]
+
+    # A gateway without job event streams (404): the page polls the job instead.
+    page.unroute("**/v1/jobs/*/events")
+    page.route(
+        "**/v1/jobs/*/events",
+        lambda route: route.fulfill(
+            status=404,
+            content_type="application/problem+json",
+            body=json.dumps({"title": "Not Found", "status": 404}),
+        ),
+    )
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/weapons/jobs") as submitted:
+        cards(page).nth(0).get_by_role("button", name=re.compile("^Variations")).click()
+    job_id = job_id_of(submitted.value)
+    expect(page.locator("#status")).to_have_text(
+        re.compile(r"^Variations of image \d: done, 3 images added"), timeout=90_000
+    )
+    expect(cards(page)).to_have_count(7)
+    assert any(r.method == "GET" and urlsplit(r.url).path == f"/v1/jobs/{job_id}" for r in requests)
+
+
+def first_event(events_url: str) -> str:
+    """The first event of a job's stream that has an id, read from the gateway itself."""
+    lines: list[str] = []
+    with httpx.stream("GET", events_url, headers=AUTH, timeout=60) as res:
+        res.raise_for_status()
+        for line in res.iter_lines():
+            if line:
+                lines.append(line)
+            elif any(kept.startswith("id:") for kept in lines):
+                return "\n".join(lines) + "\n\n"
+            else:
+                lines = []
+    raise AssertionError(f"{events_url} ended before an event with an id")
 
 
 def test_an_edited_prompt_is_drawn_as_written(stack: JobsStack, page: Page) -> None:

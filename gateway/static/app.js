@@ -5,6 +5,7 @@ const KEY_STORAGE = "forge.apiKey";
 const POLL_START_MS = 500;
 const PREVIEW_EVERY = 2;      // a live preview every this many denoising steps
 const POLL_MAX_MS = 3000;
+const RECONNECT_MS = 250;     // first wait before a dropped job event stream is opened again
 // Seeds go up to 2^63-1, past JavaScript's exact integers: they travel as BigInt here, and so
 // does any integer of the API's documents past Number's exact range (the seed's maximum).
 const SEED_FIELD = /"seed"\s*:\s*(-?\d+)/g;
@@ -24,7 +25,7 @@ const el = {
   gallery: $("gallery"), galleryEmpty: $("gallery-empty"), galleryCount: $("gallery-count"),
   tinyNote: $("tiny-note"), tinyName: $("tiny-name"), cardTemplate: $("card-template"),
   progress: $("progress"), progressBar: $("progress-bar"), progressText: $("progress-text"),
-  preview: $("preview"), cancel: $("cancel"),
+  preview: $("preview"), cancel: $("cancel"), jobCardTemplate: $("job-card-template"),
 };
 
 const state = {
@@ -39,7 +40,7 @@ const state = {
   cards: 0,
   seenIds: new Map(),    // asset id -> card number that first showed it
   seedMax: null,         // the seed's maximum, from the API's schema (BigInt)
-  cancel: null,          // stops the image being streamed, while there is one
+  cancel: null,          // stops the image being streamed or the job followed, while there is one
 };
 
 // ---------- JSON with exact seeds ----------
@@ -83,9 +84,13 @@ const NO_ANSWER = {
   title: "No answer from the gateway",
   detail: "The request did not reach the server. Check your connection, or that the gateway is running.",
 };
+const CUT = { title: "The stream was cut", detail: "The connection to the gateway closed while it streamed." };
 
-async function send(path, { method = "GET", body, auth = true, accept = "application/json", signal } = {}) {
-  const headers = { Accept: accept };
+// Worth asking again: no answer, or a gateway (or a proxy in front of it) not ready.
+const transient = (err) => err instanceof ApiError && [0, 502, 503, 504].includes(err.status);
+
+async function send(path, { method = "GET", body, auth = true, accept = "application/json", headers: extra, signal } = {}) {
+  const headers = { ...extra, Accept: accept };
   if (auth && state.key) headers.Authorization = `Bearer ${state.key}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   try {
@@ -114,24 +119,27 @@ async function api(path, options = {}) {
   return { data: await readJson(res), res };
 }
 
-// Server-sent events of a response, as { event, data } with the data parsed as JSON.
+// Server-sent events of a response, as { id, event, data } with the data parsed as JSON
+// (id undefined for an event without one). A connection lost midway throws ApiError 0.
 async function* serverEvents(res) {
   const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    const { value, done } = await reader.read().catch(() => { throw new ApiError(0, CUT); });
     if (done) return;
     buffer = (buffer + value).replace(/\r\n/g, "\n");
     for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
       let event = "message";
+      let id;
       const data = [];
       for (const line of block.split("\n")) {
         if (line.startsWith("event:")) event = line.slice(6).trim();
         else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+        else if (line.startsWith("id:")) id = line.slice(3).trim();
       }
-      if (data.length) yield { event, data: parseJson(data.join("\n")) };
+      if (data.length) yield { id, event, data: parseJson(data.join("\n")) };
     }
   }
 }
@@ -410,6 +418,13 @@ function showProgress({ step, total_steps: total, image }) {
   }
 }
 
+// What Cancel stops now (a function), or null: the button shows only while there is one.
+function setCancel(cancel) {
+  state.cancel = cancel;
+  el.cancel.hidden = !cancel;
+  el.cancel.disabled = !cancel;
+}
+
 function hideProgress() {
   el.progress.hidden = true;
   el.preview.hidden = true;
@@ -422,8 +437,7 @@ function hideProgress() {
 // model's work (the gateway cancels it when the stream closes). "done" or "cancelled".
 async function streamImage(kind, body, label) {
   const controller = new AbortController();
-  state.cancel = () => controller.abort();
-  el.cancel.disabled = false;
+  setCancel(() => controller.abort());
   setStatus(`${label}: forging…`);
   showProgress({ step: 0, total_steps: body.steps ?? 1 });
   try {
@@ -446,7 +460,7 @@ async function streamImage(kind, body, label) {
     if (controller.signal.aborted) return "cancelled";
     throw err;
   } finally {
-    state.cancel = null;
+    setCancel(null);
     hideProgress();
   }
 }
@@ -500,37 +514,32 @@ async function poll(location) {
     try {
       return (await api(location)).data;
     } catch (err) {
-      const transient = err instanceof ApiError && [0, 502, 503, 504].includes(err.status);
-      if (!transient || attempt >= 6) throw err;
+      if (!transient(err) || attempt >= 6) throw err;
       setStatus(`The gateway did not answer; asking again (try ${attempt + 1})…`);
       await sleep(Math.min(POLL_MAX_MS, 500 * 2 ** attempt));
     }
   }
 }
 
-const STATUS_WORDS = { queued: "queued", running: "running", succeeded: "done", failed: "failed" };
+const JOB_ENDS = new Set(["succeeded", "failed", "cancelled"]);
+const ITEM_WORDS = { queued: "Queued", running: "Running", succeeded: "Done", cancelled: "Cancelled" };
 
+// Follow a job to its end, its items' cards filling in as they run, Cancel cancelling it:
+// through its event stream, or by polling where the gateway has none.
 async function followJob(location, job, kind, bodies, label, doneMessage) {
-  let delay = POLL_START_MS;
-  const shown = new Set();
-  for (;;) {
-    const items = job.items || [];
-    const finished = items.filter((i) => i.status === "succeeded" || i.status === "failed").length;
-    for (const item of items) {
-      if (item.status === "succeeded" && item.result && !shown.has(item.index)) {
-        shown.add(item.index);
-        addCard(item.result, kind, bodies[item.index] ?? bodies[0]);
-      }
-    }
-    const word = STATUS_WORDS[job.status] || job.status;
-    setStatus(`${label}: job ${word}${items.length > 1 ? `, ${finished} of ${items.length} images` : ""}…`);
-    if (job.status === "succeeded" || job.status === "failed") break;
-    await sleep(delay);
-    delay = Math.min(POLL_MAX_MS, Math.round(delay * 1.5));
-    job = await poll(location);
+  const view = jobView(job, kind, bodies, label);
+  setCancel(() => cancelJob(location));
+  try {
+    job = (await watchJob(location, view)) ?? (await pollJob(location, view, job));
+  } finally {
+    setCancel(null);
   }
-  const failed = (job.items || []).filter((i) => i.status === "failed");
-  if (job.status === "failed" || failed.length) {
+  showJob(view, job);
+  const failed = job.items.filter((i) => i.status === "failed");
+  if (job.status === "cancelled") {
+    const made = job.items.filter((i) => i.status === "succeeded").length;
+    setStatus(`${label}: cancelled, ${made} of ${job.items.length} images made.`);
+  } else if (job.status === "failed" || failed.length) {
     const why = job.error || failed.map((i) => `image ${i.index + 1}: ${i.error}`).join("; ");
     setStatus(`${label}: job failed.`);
     showProblem("The job failed", why || "The server gave no reason.");
@@ -539,9 +548,143 @@ async function followJob(location, job, kind, bodies, label, doneMessage) {
   }
 }
 
+// The job's events until the last one, `status` (the job as it ended), which is returned;
+// a dropped stream is opened again with Last-Event-ID, so it goes on after the last event
+// seen. Null where the gateway has no event stream for it (404, 405).
+async function watchJob(location, view) {
+  let lastId = null;
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      const headers = lastId === null ? {} : { "Last-Event-ID": lastId };
+      const res = await send(`${location}/events`, { accept: "text/event-stream", headers });
+      if (res.status === 404 || res.status === 405) return null;
+      if (!res.ok) await readJson(res);
+      for await (const { id, event, data } of serverEvents(res)) {
+        lastId = id ?? lastId;
+        attempt = 1;
+        if (event === "status") return data;
+        showJobEvent(view, event, data);
+      }
+      throw new ApiError(0, CUT);
+    } catch (err) {
+      if (!transient(err) || attempt >= 6) throw err;
+    }
+    await sleep(Math.min(POLL_MAX_MS, RECONNECT_MS * 2 ** (attempt - 1)));
+  }
+}
+
+async function pollJob(location, view, job) {
+  let delay = POLL_START_MS;
+  for (;;) {
+    showJob(view, job);
+    if (JOB_ENDS.has(job.status)) return job;
+    await sleep(delay);
+    delay = Math.min(POLL_MAX_MS, Math.round(delay * 1.5));
+    job = await poll(location);
+  }
+}
+
+// Cancel the job: its queued items are never made, its running ones stop, its finished
+// ones keep their images. The job's stream (or next poll) then shows it ending cancelled;
+// a job that ended first (409) simply ends as it did.
+async function cancelJob(location) {
+  try {
+    await api(location, { method: "DELETE" });
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 409) return;
+    el.cancel.disabled = false;
+    showProblem("The job could not be cancelled", err.message);
+  }
+}
+
+// ---------- job cards ----------
+
+// A card per item of the job, on top of the gallery, each showing its item's state, step and
+// latest preview until its image's card takes its place.
+function jobView(job, kind, bodies, label) {
+  const view = { kind, bodies, label, items: new Map() };
+  for (const item of job.items) {
+    const node = el.jobCardTemplate.content.firstElementChild.cloneNode(true);
+    const body = bodies[item.index] ?? bodies[0];
+    const which = `Image ${item.index + 1} of ${job.items.length}`;
+    node.dataset.jobId = job.id;
+    node.dataset.index = String(item.index);
+    node.querySelector(".title").textContent = cardTitle(kind, body);
+    node.querySelector(".which").textContent = body.seed === undefined ? which : `${which}, seed ${body.seed}`;
+    if (body.width) node.querySelector(".job-frame").style.aspectRatio = `${body.width} / ${body.height}`;
+    node.querySelector(".job-preview").alt = `Preview of ${which.toLowerCase()}`;
+    const bar = node.querySelector("progress");
+    bar.max = body.steps ?? 1;
+    bar.setAttribute("aria-label", `${which}: denoising steps done`);
+    el.gallery.prepend(node);
+    view.items.set(item.index, { node, status: null, done: false });
+  }
+  el.galleryEmpty.hidden = true;
+  showJob(view, job);
+  return view;
+}
+
+function showJobEvent(view, event, data) {
+  if (event === "item") {
+    showItem(view, data);
+    showJobCount(view);
+  } else if (event === "progress" || event === "preview") {
+    showStep(view, data);
+  }
+}
+
+function showJob(view, job) {
+  for (const item of job.items) showItem(view, item);
+  showJobCount(view);
+}
+
+function showJobCount(view) {
+  const ended = [...view.items.values()].filter((i) => JOB_ENDS.has(i.status)).length;
+  setStatus(`${view.label}: ${ended} of ${view.items.size} done…`);
+}
+
+// An item's state; a succeeded one's card replaces its job card.
+function showItem(view, item) {
+  const shown = view.items.get(item.index);
+  if (!shown || shown.done) return;
+  shown.status = item.status;
+  shown.node.dataset.status = item.status;
+  if (item.status === "succeeded" && item.result) {
+    addCard(item.result, view.kind, view.bodies[item.index] ?? view.bodies[0], shown.node);
+    shown.done = true;
+    return;
+  }
+  shown.node.querySelector(".state").textContent = item.status === "failed"
+    ? `Failed: ${item.error || "the server gave no reason"}`
+    : ITEM_WORDS[item.status] ?? item.status;
+  if (item.progress) showStep(view, { index: item.index, ...item.progress });
+}
+
+// A running item's step, and its preview where the event has one.
+function showStep(view, { index, step, total_steps: total, image }) {
+  const shown = view.items.get(index);
+  if (!shown || shown.done || JOB_ENDS.has(shown.status)) return;
+  const bar = shown.node.querySelector("progress");
+  bar.max = total;
+  bar.value = step;
+  shown.node.querySelector(".step").textContent = `Step ${step} of ${total}`;
+  if (image) {
+    const preview = shown.node.querySelector(".job-preview");
+    preview.src = image;
+    preview.hidden = false;
+  }
+}
+
 // ---------- gallery ----------
 
-function addCard(result, kind, body) {
+function cardTitle(kind, body) {
+  return kind === "weapon"
+    ? state.weaponFields.map((f) => body[f]).filter((v) => v && v !== "none").map(human).join(" · ")
+    : "Custom prompt";
+}
+
+// The image's card, on top of the gallery or in the place of `replacing` (its job card).
+function addCard(result, kind, body, replacing = null) {
   state.cards += 1;
   const n = state.cards;
   const node = el.cardTemplate.content.firstElementChild.cloneNode(true);
@@ -555,9 +698,7 @@ function addCard(result, kind, body) {
   img.alt = `Forged image ${n}: ${result.prompt}`;
   node.querySelector(".image-link").href = result.asset_url;
   node.querySelector(".prompt").textContent = result.prompt;
-  node.querySelector(".title").textContent = kind === "weapon"
-    ? state.weaponFields.map((f) => body[f]).filter((v) => v && v !== "none").map(human).join(" · ")
-    : "Custom prompt";
+  node.querySelector(".title").textContent = cardTitle(kind, body);
   const meta = [
     ["Seed", String(result.seed)],
     ["Size", `${result.width} × ${result.height}`],
@@ -599,7 +740,8 @@ function addCard(result, kind, body) {
     el.tinyNote.hidden = false;
   }
   el.galleryEmpty.hidden = true;
-  el.gallery.prepend(node);
+  if (replacing) replacing.replaceWith(node);
+  else el.gallery.prepend(node);
   el.galleryCount.textContent = `${state.cards} image${state.cards === 1 ? "" : "s"}`;
   setBusy(state.busy);
 }

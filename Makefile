@@ -85,6 +85,7 @@ bench: $(CONFIGS)
 	$(PY) perf/bench_triton.py
 	$(PY) perf/bench_gateway.py
 	$(PY) perf/bench_stream.py
+	$(PY) perf/bench_policy.py
 
 # Sync and job load for SOAK_S seconds while Triton, Redis, the broker, a worker and the
 # gateway are killed and started again, then a drain; perf/results/soak.json (perf/soak.py).

@@ -26,6 +26,11 @@ LATENT_HEIGHT = "latent_height"
 LATENT_WIDTH = "latent_width"
 IMAGE_HEIGHT = "image_height"
 IMAGE_WIDTH = "image_width"
+# The safety checker's: its CLIP input's size, and how many concepts it compares with.
+CHECKER_HEIGHT = "checker_height"
+CHECKER_WIDTH = "checker_width"
+SPECIAL_CONCEPTS = "special_concepts"
+CONCEPTS = "concepts"
 
 # What a derived dimension is computed from: a call's rows, or the image size in pixels.
 ROWS, HEIGHT, WIDTH = "rows", "height", "width"
@@ -80,7 +85,7 @@ class ComponentSpec:
     `rows_per_image` is (guided, unguided): the rows the network sees for one image with
     and without classifier-free guidance. The text encoder reads the prompt and, when
     guided, the negative prompt; the UNet sees the conditional and, when guided, the
-    unconditional latent; the VAE decoder sees one latent per image.
+    unconditional latent; the VAE decoder and the safety checker see one image each.
     """
 
     name: str
@@ -169,6 +174,20 @@ VAE_DECODER = ComponentSpec(
 
 COMPONENTS: tuple[ComponentSpec, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
 
+# Optional: exported where the model folder has one. Its input is the decoded image as CLIP
+# sees it; its outputs, the cosine similarities of the image's CLIP embedding to each
+# concept embedding. The thresholds and the decision rule are data and numpy on the model's
+# side (see `export.safety`), so that a config parameter can shift them.
+SAFETY_CHECKER = ComponentSpec(
+    name="safety_checker",
+    inputs=(TensorSpec("clip_input", "float32", (BATCH, 3, CHECKER_HEIGHT, CHECKER_WIDTH)),),
+    outputs=(
+        TensorSpec("special_cos_dist", "float32", (BATCH, SPECIAL_CONCEPTS)),
+        TensorSpec("cos_dist", "float32", (BATCH, CONCEPTS)),
+    ),
+    rows_per_image=(1, 1),
+)
+
 
 class TextEncoderModule(torch.nn.Module):
     """The CLIP text encoder as a network of token ids to its last hidden state."""
@@ -208,10 +227,40 @@ class VaeDecoderModule(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class SafetyCheckerModule(torch.nn.Module):
+    """diffusers' StableDiffusionSafetyChecker up to its cosine similarities: CLIP's vision
+    model, the visual projection and `cosine_distance` to the special-care and the concept
+    embeddings, as its `forward` computes them before deciding."""
+
+    def __init__(self, checker: Any) -> None:
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, clip_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(special_cos_dist, cos_dist) for these CLIP-preprocessed images."""
+        from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+        pooled = self.checker.vision_model(clip_input)[1]
+        embeds = self.checker.visual_projection(pooled)
+        return (
+            cosine_distance(embeds, self.checker.special_care_embeds),
+            cosine_distance(embeds, self.checker.concept_embeds),
+        )
+
+
+def components_of(pipe: Any) -> tuple[ComponentSpec, ...]:
+    """The components a diffusers Stable Diffusion pipeline exports: the three networks, and
+    the safety checker where it has one."""
+    return COMPONENTS if pipe.safety_checker is None else (*COMPONENTS, SAFETY_CHECKER)
+
+
 def torch_modules(pipe: Any) -> dict[str, torch.nn.Module]:
     """The torch module behind each component of a diffusers Stable Diffusion pipeline."""
-    return {
+    modules: dict[str, torch.nn.Module] = {
         TEXT_ENCODER.name: TextEncoderModule(pipe.text_encoder).eval(),
         UNET.name: UNetModule(pipe.unet).eval(),
         VAE_DECODER.name: VaeDecoderModule(pipe.vae).eval(),
     }
+    if pipe.safety_checker is not None:
+        modules[SAFETY_CHECKER.name] = SafetyCheckerModule(pipe.safety_checker).eval()
+    return modules

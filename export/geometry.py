@@ -8,6 +8,9 @@ from typing import Any
 
 from export.components import (
     BATCH,
+    CHECKER_HEIGHT,
+    CHECKER_WIDTH,
+    CONCEPTS,
     HEIGHT,
     HIDDEN,
     IMAGE_HEIGHT,
@@ -17,6 +20,7 @@ from export.components import (
     LATENT_WIDTH,
     ROWS,
     SEQUENCE,
+    SPECIAL_CONCEPTS,
     WIDTH,
     Dimension,
     derived,
@@ -26,8 +30,38 @@ from export.errors import ExportError
 
 
 @dataclass(frozen=True)
+class CheckerGeometry:
+    """The safety checker's sizes: the CLIP input (height x width, its vision model's image
+    size) and the number of special-care and other concepts it compares an image with."""
+
+    height: int
+    width: int
+    special_concepts: int
+    concepts: int
+
+    @classmethod
+    def of(cls, checker: Any, feature_extractor: Any) -> CheckerGeometry:
+        """The sizes of a diffusers StableDiffusionSafetyChecker and its CLIP image
+        processor, or an ExportError where the two do not fit each other."""
+        crop = feature_extractor.to_dict()["crop_size"]
+        image_size = checker.config.vision_config.image_size
+        if (crop["height"], crop["width"]) != (image_size, image_size):
+            raise ExportError(
+                f"the safety checker's feature extractor crops {crop['width']}x{crop['height']}"
+                f" but its vision model reads {image_size}x{image_size}"
+            )
+        return cls(
+            height=crop["height"],
+            width=crop["width"],
+            special_concepts=checker.special_care_embeds.shape[0],
+            concepts=checker.concept_embeds.shape[0],
+        )
+
+
+@dataclass(frozen=True)
 class ModelGeometry:
-    """Sizes read from the pipeline's configs; nothing here assumes a particular model."""
+    """Sizes read from the pipeline's configs; nothing here assumes a particular model.
+    `checker` is None for a pipeline without a safety checker."""
 
     vocab: int
     sequence: int
@@ -37,6 +71,7 @@ class ModelGeometry:
     size_multiple: int
     default_size: int
     scaling_factor: float
+    checker: CheckerGeometry | None = None
 
     @classmethod
     def of(cls, pipe: Any) -> ModelGeometry:
@@ -65,11 +100,16 @@ class ModelGeometry:
             size_multiple=vae_scale * 2 ** (len(unet.down_block_types) - 1),
             default_size=unet.sample_size * vae_scale,
             scaling_factor=float(vae.scaling_factor),
+            checker=(
+                None
+                if pipe.safety_checker is None
+                else CheckerGeometry.of(pipe.safety_checker, pipe.feature_extractor)
+            ),
         )
 
     def dimensions(self) -> dict[str, Dimension]:
         """What each symbolic dimension of the components' shapes is (the manifest's table)."""
-        return {
+        table: dict[str, Dimension] = {
             BATCH: derived(ROWS),
             SEQUENCE: self.sequence,
             HIDDEN: self.hidden,
@@ -79,6 +119,14 @@ class ModelGeometry:
             IMAGE_HEIGHT: derived(HEIGHT),
             IMAGE_WIDTH: derived(WIDTH),
         }
+        if self.checker is not None:
+            table |= {
+                CHECKER_HEIGHT: self.checker.height,
+                CHECKER_WIDTH: self.checker.width,
+                SPECIAL_CONCEPTS: self.checker.special_concepts,
+                CONCEPTS: self.checker.concepts,
+            }
+        return table
 
     def contract(self) -> dict[str, int]:
         """The generation-contract values these weights fix (copied into the model config)."""

@@ -4,7 +4,9 @@ The repository gets `stable_diffusion/1/weights`, a symlink to `weights-<version
 holds the ONNX files (weights as external data, so a 3 GB UNet exports like a tiny one), the
 tokenizer, the scheduler config, `diffusers/` (the pipeline itself as safetensors, for the
 `torch` runtime) and the manifest: what the model needs to run them, checked against the
-model's `weights.schema.json` before anything is published. `torch_only` skips the ONNX
+model's `weights.schema.json` before anything is published. A pipeline with a safety
+checker exports it too, with what the model needs to decide as diffusers does (`safety`);
+one without exports as before, and the model then checks nothing. `torch_only` skips the ONNX
 files (for a GPU that serves with torch and has no time to trace a 3 GB UNet). Everything is
 written into a staging folder first; the symlink is swapped with one rename, so an
 interrupted export leaves the previous weights in place.
@@ -27,9 +29,10 @@ import numpy as np
 import onnx
 import torch
 
-from export.components import COMPONENTS, ComponentSpec, torch_modules
+from export.components import COMPONENTS, ComponentSpec, components_of, torch_modules
 from export.errors import ExportError
 from export.geometry import ModelGeometry
+from export.safety import safety_checker_entry
 from export.source import load_pipeline, resolve_model
 from export.triton_config import write_exported_config
 from export.weights_schema import MANIFEST, WeightsSchema
@@ -105,12 +108,15 @@ def max_abs_difference(
         inputs = spec.sample_inputs(dims, vocab=vocab, seed=100 + i)
         with torch.no_grad():
             expected = module(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
-        (got,) = session.run([t.name for t in spec.outputs], inputs)
-        if got.shape != tuple(expected.shape):
-            raise ExportError(
-                f"{spec.name}: ONNX output {got.shape} != torch {tuple(expected.shape)}"
-            )
-        worst = max(worst, float(np.max(np.abs(got - expected.numpy()))))
+        if isinstance(expected, torch.Tensor):
+            expected = (expected,)
+        outputs = session.run([t.name for t in spec.outputs], inputs)
+        for t, got, want in zip(spec.outputs, outputs, expected, strict=True):
+            if got.shape != tuple(want.shape):
+                raise ExportError(
+                    f"{spec.name}: ONNX output {t.name} {got.shape} != torch {tuple(want.shape)}"
+                )
+            worst = max(worst, float(np.max(np.abs(got - want.numpy()))))
     return worst
 
 
@@ -122,7 +128,7 @@ def export_with_parity(
     modules = torch_modules(pipe)
     cases = geometry.parity_cases()
     parity: dict[str, dict[str, float]] = {}
-    for spec in COMPONENTS:
+    for spec in components_of(pipe):
         log.info("exporting %s", spec.name)
         module = modules[spec.name]
         onnx_file = export_component(
@@ -176,9 +182,11 @@ def build_manifest(
     torch_only: bool,
     parity: dict[str, dict[str, float]],
     opset: int,
+    safety_checker: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The weights manifest: identity, files, and what the model needs to run them."""
-    return {
+    """The weights manifest: identity, files, and what the model needs to run them; with
+    `safety_checker`, the safety checker's entry (`safety.safety_checker_entry`)."""
+    manifest = {
         "format": schema.format_of(MANIFEST),
         "model": model,
         "runtime": "torch" if torch_only else "onnx",
@@ -192,6 +200,9 @@ def build_manifest(
         "parity": parity,
         "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": opset},
     }
+    if safety_checker is not None:
+        manifest["safety_checker"] = safety_checker
+    return manifest
 
 
 def export_onnx(
@@ -226,7 +237,13 @@ def export_onnx(
         version = content_version(staging)
         identity = {"name": name, "version": version, "source": model}
         manifest = build_manifest(
-            schema, geometry, identity, torch_only=torch_only, parity=parity, opset=opset
+            schema,
+            geometry,
+            identity,
+            torch_only=torch_only,
+            parity=parity,
+            opset=opset,
+            safety_checker=None if pipe.safety_checker is None else safety_checker_entry(pipe),
         )
         manifest_file = staging / schema.manifest_file
         schema.check(MANIFEST, manifest, manifest_file)

@@ -4,6 +4,13 @@ Seeded random weights in the standard diffusers `save_pretrained` layout, with t
 BPE vocabulary (taken from the `open-clip-torch` package data, installed without its
 dependencies), so prompts tokenize to the real token ids. The weights are random: the images
 are structured noise, not weapons.
+
+The tiny architecture has a safety checker too (diffusers' `StableDiffusionSafetyChecker` on
+a tiny CLIP vision model, seeded random concept embeddings, and CLIP's image processor
+settings), so that the export and the model's check run everywhere. Its thresholds are at
+least 1, which no cosine similarity exceeds: at the model's default `safety_adjustment` (0)
+it flags nothing, and the images are those of the pipeline without it; a test flags images by
+raising the adjustment.
 """
 
 from __future__ import annotations
@@ -67,11 +74,13 @@ def write_clip_tokenizer_files(bpe_gz: Path, out: Path) -> tuple[Path, Path]:
 
 @dataclass(frozen=True)
 class Architecture:
-    """Constructor arguments of the three networks; the rest is shared by every size."""
+    """Constructor arguments of the three networks, and of the safety checker's CLIP vision
+    model where the architecture has one; the rest is shared by every size."""
 
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
+    safety_checker: dict[str, Any] | None = None
 
 
 ARCHITECTURES = {
@@ -100,8 +109,18 @@ ARCHITECTURES = {
             num_hidden_layers=5,
             projection_dim=32,
         ),
+        # CLIP reads 224x224: 7x7 patches of 32 pixels.
+        safety_checker=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=224,
+            patch_size=32,
+        ),
     ),
-    # Stable Diffusion 1.5's shapes (UNet 3.4 GB in fp32): exports and GPU benchmarks.
+    # Stable Diffusion 1.5's shapes (UNet 3.4 GB in fp32): exports and GPU benchmarks. No safety
+    # checker: the benchmarks measure the networks.
     "sd15": Architecture(
         unet=dict(
             sample_size=64,
@@ -122,6 +141,31 @@ ARCHITECTURES = {
 }
 
 
+def build_safety_checker(vision: dict[str, Any], text: dict[str, Any], seed: int) -> Any:
+    """diffusers' safety checker on a CLIP vision model of `vision`'s shape, seeded: random
+    concept embeddings, thresholds in [1, 1.1), which no cosine similarity exceeds."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
+    from transformers import CLIPConfig
+
+    torch.manual_seed(seed)
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config={**text, "vocab_size": CLIP_VOCAB_SIZE},
+            vision_config=vision,
+            projection_dim=text["projection_dim"],
+        )
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for embeds in (checker.concept_embeds, checker.special_care_embeds):
+            embeds.copy_(torch.randn(embeds.shape, generator=generator))
+        for weights in (checker.concept_embeds_weights, checker.special_care_embeds_weights):
+            weights.copy_(1 + 0.1 * torch.rand(weights.shape, generator=generator))
+    return checker.eval()
+
+
 def build_pipeline(architecture: str = "tiny", seed: int = 0) -> Any:
     """A Stable Diffusion pipeline of the named architecture with seeded random weights."""
     from diffusers import (
@@ -130,7 +174,7 @@ def build_pipeline(architecture: str = "tiny", seed: int = 0) -> Any:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     arch = ARCHITECTURES[architecture]
     torch.manual_seed(seed)
@@ -167,15 +211,21 @@ def build_pipeline(architecture: str = "tiny", seed: int = 0) -> Any:
         skip_prk_steps=True,
         steps_offset=1,
     )
+    checker = (
+        None
+        if arch.safety_checker is None
+        else build_safety_checker(arch.safety_checker, arch.text_encoder, seed + 3)
+    )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=checker,
+        # CLIP's settings (224 shortest edge, bicubic, center crop, OpenAI's mean and std).
+        feature_extractor=None if checker is None else CLIPImageProcessor(),
+        requires_safety_checker=checker is not None,
     )
 
 

@@ -66,7 +66,13 @@ async def bootstrap_keys(svc: Services) -> None:
     while True:
         try:
             if settings.dev_api_key:
-                await svc.keys.ensure(dev_key(settings.dev_api_key, settings.dev_webhook_secret))
+                await svc.keys.ensure(
+                    dev_key(
+                        settings.dev_api_key,
+                        settings.dev_webhook_secret,
+                        settings.dev_key_content_policy,
+                    )
+                )
             if settings.api_keys_file:
                 count = await svc.keys.load_file(settings.api_keys_file)
                 log.info("loaded %d API keys from %s", count, settings.api_keys_file)

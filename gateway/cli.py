@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 from redis.exceptions import RedisError
 
+from gateway.content_policy import MODES
 from gateway.triton_client import ImageParams, ModelError, generate
 
 
@@ -86,7 +87,11 @@ def _keys(args: argparse.Namespace) -> int:
                     time.time() + args.expires_in_days * 86_400 if args.expires_in_days else None
                 )
                 secret, record = await store.create(
-                    args.name, tuple(args.scopes), args.tier, expires_at=expires
+                    args.name,
+                    tuple(args.scopes),
+                    args.tier,
+                    expires_at=expires,
+                    content_policy=args.content_policy,
                 )
                 made = {"key": secret, "webhook_secret": record.webhook_secrets[0]}
                 print(json.dumps({**record.public(), **made}))
@@ -152,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--scopes", nargs="+", choices=["generate", "admin"], default=["generate"])
     create.add_argument("--tier", choices=["priority", "standard", "bulk"], default="standard")
     create.add_argument("--expires-in-days", type=int, help="the key stops working after")
+    create.add_argument(
+        "--content-policy",
+        choices=MODES,
+        default="strict",
+        help="players' blocked text: strict refuses it, review flags it, off does not check",
+    )
     revoke = actions.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("id")
     actions.add_parser("list", help="every key's id, name, scopes, tier, state and last use")

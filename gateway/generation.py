@@ -25,6 +25,12 @@ from gateway.schemas import ImageResult, ImageSpec, ModelInfo, Timings
 from gateway.triton_client import AsyncTriton, ImageParams, ModelError, Progress
 
 PNG_LEVEL = 1
+UNSAFE_IMAGE = "unsafe_image"  # the content policy category of images the model flagged
+
+
+class ImageFlagged(Exception):
+    """The model's safety checker flagged the image, and the request may not have it: the
+    image is neither stored nor served."""
 
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:
@@ -93,14 +99,17 @@ class Generator:
         contract = self.contract.current
         return ModelInfo(name=contract.model_name, version=contract.model_version)
 
-    async def cached(self, spec: ImageSpec) -> ImageResult | None:
-        """The stored result for a request with an explicit seed made before, if any."""
+    async def cached(self, spec: ImageSpec, *, refuse_flagged: bool) -> ImageResult | None:
+        """The stored result for a request with an explicit seed made before, if any;
+        ImageFlagged if the model flagged it and `refuse_flagged`."""
         if spec.seed is None:
             return None
         start = time.perf_counter()
         model = self.model()
         hit = await self.cache.get(model.version, cache_params(spec, spec.seed))
         if hit is not None and await self.assets.exists(hit["id"]):
+            if hit.get("safety_flagged") and refuse_flagged:
+                raise ImageFlagged
             metrics.CACHE_REQUESTS.labels("hit").inc()
             total = (time.perf_counter() - start) * 1000
             return ImageResult(
@@ -109,21 +118,28 @@ class Generator:
         metrics.CACHE_REQUESTS.labels("miss").inc()
         return None
 
-    async def generate(self, spec: ImageSpec, *, source: str) -> ImageResult:
+    async def generate(self, spec: ImageSpec, *, source: str, refuse_flagged: bool) -> ImageResult:
         """Call Triton, store the image, remember it in the cache."""
-        async with aclosing(self.generation(spec, source=source)) as events:
+        generation = self.generation(spec, source=source, refuse_flagged=refuse_flagged)
+        async with aclosing(generation) as events:
             async for event in events:
                 if isinstance(event, ImageResult):
                     return event
         raise AssertionError("a generation ends with its result or an exception")
 
     async def generation(
-        self, spec: ImageSpec, *, source: str, preview_every: int | None = None
+        self,
+        spec: ImageSpec,
+        *,
+        source: str,
+        refuse_flagged: bool,
+        preview_every: int | None = None,
     ) -> AsyncGenerator[Progress | ImageResult, None]:
         """The image of `spec`, stored and cached, as the last event; streamed from the
         model (`preview_every` not None: a Progress after every step, with a preview every
         `preview_every` steps, 0 for none) or in one call. Closing the iteration early
-        cancels the model's work."""
+        cancels the model's work. An image the model's safety checker flagged is stored
+        marked `safety_flagged`, or, if `refuse_flagged`, raises ImageFlagged unstored."""
         start = time.perf_counter()
         outcome = "error"
         try:
@@ -144,6 +160,12 @@ class Generator:
                 metrics.TRITON_ERRORS.labels(exc.status or type(exc).__name__).inc()
                 outcome = exc.outcome
                 raise
+            if image.flagged:
+                refused = "refused" if refuse_flagged else "flagged"
+                metrics.CONTENT_POLICY.labels(UNSAFE_IMAGE, refused).inc()
+                if refuse_flagged:
+                    outcome = "flagged"
+                    raise ImageFlagged
             generated = time.perf_counter()
             data = await asyncio.to_thread(encode, image.pixels, spec.format)
             key = await self.assets.put(data, spec.format)
@@ -159,6 +181,7 @@ class Generator:
                 prompt=spec.prompt,
                 negative_prompt=spec.negative_prompt,
                 cached=False,
+                safety_flagged=image.flagged,
                 timings=Timings(
                     generation_ms=(generated - start) * 1000,
                     total_ms=(time.perf_counter() - start) * 1000,
@@ -167,7 +190,7 @@ class Generator:
             await self.cache.put(
                 model.version,
                 cache_params(spec, image.seed),
-                result.model_dump(exclude={"cached", "timings"}),
+                result.model_dump(exclude={"cached", "timings", "content_flags"}),
             )
             outcome = "success"
             yield result

@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from gateway.content_policy import Mode
 from gateway.schemas import ImageResult, ImageSpec, JobItem, JobStatus, Priority, StepProgress
 
 PREFIX = "forge:job:"
@@ -153,6 +154,9 @@ class JobMessage(BaseModel):
     submitted_at: float
     tier: Priority = Field(description="the queue it travels on (its retries too)")
     units: int = Field(0, description="what the item was charged; refunded if the server fails it")
+    content_policy: Mode = Field(
+        "strict", description="its API key's mode: strict keys are refused flagged images"
+    )
     attempt: int = 0
     not_before: float = 0.0
 
@@ -201,10 +205,12 @@ class JobStore:
         messages: list[JobMessage],
         priority: str,
         callback_url: str | None,
+        content_flags: list[list[str]] | None = None,
         within: Callable[[Pipeline], None] = lambda pipe: None,
     ) -> JobStatus:
         """Record a new job with every item queued and its message kept for the sweeper, in
-        one transaction with whatever `within` adds to it; the job as recorded."""
+        one transaction with whatever `within` adds to it; the job as recorded.
+        `content_flags`: each item's content policy categories (review mode)."""
         now = time.time()
         meta = {
             "api_key_id": api_key_id,
@@ -212,6 +218,7 @@ class JobStore:
             "priority": priority,
             "callback_url": callback_url,
             "created_at": now,
+            "content_flags": content_flags or [[] for _ in messages],
         }
         states = {m.index: {"status": "queued", "updated_at": now} for m in messages}
         fields: dict[str | bytes | bytearray | memoryview | int | float, str] = {
@@ -400,6 +407,7 @@ def as_status(job_id: str, meta: dict[str, Any], states: dict[int, Any]) -> JobS
             result=s.get("result"),
             error=s.get("error"),
             attempts=s.get("attempts", 0),
+            content_flags=meta["content_flags"][i] if "content_flags" in meta else [],
             progress=StepProgress(**s["progress"])
             if s["status"] == "running" and "progress" in s
             else None,

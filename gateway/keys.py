@@ -31,6 +31,8 @@ from typing import Any, Literal
 import yaml
 from redis.asyncio import Redis
 
+from gateway.content_policy import MODES, Mode
+
 SCOPES = frozenset({"generate", "admin"})
 TIERS = ("priority", "standard", "bulk")
 PREFIX = "forge:apikey:"
@@ -73,6 +75,7 @@ class ApiKey:
     expires_at: float | None = None
     webhook_secrets: tuple[str, ...] = ()  # the current one first, then the previous one
     previous_secret_until: float | None = None
+    content_policy: Mode = "strict"  # what a match of the content policy does
 
     def __post_init__(self) -> None:
         unknown = set(self.scopes) - SCOPES
@@ -80,6 +83,10 @@ class ApiKey:
             raise ValueError(f"unknown scopes {sorted(unknown)}; known: {sorted(SCOPES)}")
         if self.tier not in TIERS:
             raise ValueError(f"unknown tier {self.tier!r}; known: {', '.join(TIERS)}")
+        if self.content_policy not in MODES:
+            raise ValueError(
+                f"unknown content policy mode {self.content_policy!r}; known: {', '.join(MODES)}"
+            )
 
     def expired(self, now: float) -> bool:
         """Whether the key is past its expiry."""
@@ -129,6 +136,7 @@ class KeyStore:
         tier: str = "standard",
         *,
         expires_at: float | None = None,
+        content_policy: Mode = "strict",
     ) -> tuple[str, ApiKey]:
         """A new key with a new webhook secret: the key's secret and its record."""
         secret = f"fk_{secrets.token_urlsafe(32)}"
@@ -142,6 +150,7 @@ class KeyStore:
             created_at=time.time(),
             expires_at=expires_at,
             webhook_secrets=(new_webhook_secret(),),
+            content_policy=content_policy,
         )
         await self.save(record)
         return secret, record
@@ -221,8 +230,8 @@ class KeyStore:
 
     async def load_file(self, path: Path) -> int:
         """Sync the keys of a YAML file (a list of {name, sha256, scopes, tier, expires_at,
-        webhook_secret}): add and update them, keep revocations, and revoke the keys that
-        came from the file and are no longer in it. How many the file holds."""
+        webhook_secret, content_policy}): add and update them, keep revocations, and revoke
+        the keys that came from the file and are no longer in it. How many the file holds."""
         try:
             entries = yaml.safe_load(path.read_text()) or []
             records = [file_key(entry) for entry in entries]
@@ -257,10 +266,11 @@ def file_key(entry: dict[str, Any]) -> ApiKey:
         created_at=time.time(),
         expires_at=entry.get("expires_at"),
         webhook_secrets=(str(secret),) if secret else (),
+        content_policy=entry.get("content_policy", "strict"),
     )
 
 
-def dev_key(secret: str, webhook_secret: str | None) -> ApiKey:
+def dev_key(secret: str, webhook_secret: str | None, content_policy: Mode) -> ApiKey:
     """The development key of `FORGE_DEV_API_KEY` (every scope)."""
     h = digest(secret)
     return ApiKey(
@@ -271,4 +281,5 @@ def dev_key(secret: str, webhook_secret: str | None) -> ApiKey:
         source="dev",
         created_at=time.time(),
         webhook_secrets=(webhook_secret,) if webhook_secret else (),
+        content_policy=content_policy,
     )

@@ -41,6 +41,12 @@ JOB_ITEMS_CANCELLED = Counter(
     "Job items cancelled by their client (DELETE /v1/jobs/{id}), by the state they were in",
     ["state"],
 )
+CONTENT_POLICY = Counter(
+    "forge_content_policy_total",
+    "Images whose players' text the content policy checked, by category (none: nothing "
+    "matched) and outcome (allowed, refused: strict keys, flagged: review keys)",
+    ["category", "outcome"],
+)
 TRITON_ERRORS = Counter("forge_triton_errors_total", "Failed Triton calls by status", ["status"])
 
 # Kafka workers (served on the worker's metrics port, 9300 by default)

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.assets import StoreUnavailable
 from gateway.contract import UnknownContract
+from gateway.generation import UNSAFE_IMAGE, ImageFlagged
 from gateway.queue import QueueUnavailable
 from gateway.triton_client import (
     ModelCancelled,
@@ -26,6 +27,7 @@ from gateway.triton_client import (
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+POLICY_PROBLEM = "/problems/content-policy"  # the problem type of content policy refusals
 
 
 class Problem(Exception):
@@ -66,6 +68,19 @@ class Problem(Exception):
         )
 
 
+def policy_problem(categories: list[str], where: str = "") -> Problem:
+    """422 for a request the content policy refuses: its categories, never the text."""
+    what = "the image" if categories == [UNSAFE_IMAGE] else f"the text{where}"
+    return Problem(
+        422,
+        "Content policy",
+        f"{what} is not allowed by this studio's content policy "
+        f"(category: {', '.join(categories)})",
+        type=POLICY_PROBLEM,
+        categories=categories,
+    )
+
+
 def unavailable(detail: str, retry_after_s: int) -> Problem:
     """503 with Retry-After: a dependency is away, the client should try again."""
     return Problem(503, "Service Unavailable", detail, headers={"Retry-After": str(retry_after_s)})
@@ -84,7 +99,15 @@ def from_model(exc: ModelError, retry_after_s: int) -> Problem:
 
 
 # The errors `as_problem` maps to a client-facing status other than 500.
-MAPPED = (Problem, ModelError, UnknownContract, StoreUnavailable, QueueUnavailable, RedisError)
+MAPPED = (
+    Problem,
+    ImageFlagged,
+    ModelError,
+    UnknownContract,
+    StoreUnavailable,
+    QueueUnavailable,
+    RedisError,
+)
 
 
 def as_problem(exc: Exception, instance: str, retry_after_s: int) -> Problem:
@@ -92,6 +115,8 @@ def as_problem(exc: Exception, instance: str, retry_after_s: int) -> Problem:
     a dependency away is 503 with Retry-After, anything unforeseen 500 (and logged)."""
     if isinstance(exc, Problem):
         return exc
+    if isinstance(exc, ImageFlagged):
+        return policy_problem([UNSAFE_IMAGE])
     if isinstance(exc, ModelError):
         return from_model(exc, retry_after_s)
     if isinstance(exc, UnknownContract):

@@ -83,6 +83,16 @@ class ImageResult(BaseModel):
     negative_prompt: str
     cached: bool
     timings: Timings
+    safety_flagged: bool = Field(
+        False,
+        description="the model's safety checker flagged the image: what is served is its "
+        "blurred or replaced form (as the model is configured); strict API keys are refused",
+    )
+    content_flags: list[str] = Field(
+        default_factory=list,
+        description="the content policy's categories the request's text fell in (API keys in "
+        "review mode; strict keys are refused instead)",
+    )
 
 
 class ProblemDetails(BaseModel):
@@ -105,6 +115,11 @@ class KeyRequest(Strict):
     expires_in_days: bounded_int(1, 3650) | None = Field(  # type: ignore[valid-type]
         None, description="the key stops working after this many days"
     )
+    content_policy: Literal["strict", "review", "off"] = Field(
+        "strict",
+        description="players' text the content policy blocks: strict refuses it (player-facing "
+        "keys), review lets it through flagged (studio tools), off does not check",
+    )
 
 
 class KeyInfo(BaseModel):
@@ -120,6 +135,7 @@ class KeyInfo(BaseModel):
     )
     created_at: float
     expires_at: float | None
+    content_policy: Literal["strict", "review", "off"]
     previous_secret_until: float | None = Field(
         description="after a rotation, the previous webhook secret also signs until then"
     )
@@ -169,6 +185,9 @@ class JobItem(BaseModel):
     result: ImageResult | None = None
     error: str | None = None
     attempts: int = 0
+    content_flags: list[str] = Field(
+        default_factory=list, description="as in the result: the content policy's categories"
+    )
     progress: StepProgress | None = Field(None, description="a running item's current step")
 
 

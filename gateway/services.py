@@ -17,6 +17,7 @@ from gateway.assets import asset_store
 from gateway.bodies import CurrentBodies
 from gateway.cache import ResultCache
 from gateway.callback_urls import CallbackRules
+from gateway.content_policy import PolicyFile
 from gateway.contract import ContractBook
 from gateway.generation import Generator
 from gateway.idempotency import Idempotency
@@ -44,6 +45,7 @@ class Services:
     idempotency: Idempotency
     generator: Generator
     weapons: WeaponTemplates
+    policy: PolicyFile
     jobs: JobStore
     queue: JobQueue
 
@@ -111,6 +113,7 @@ def open_services(settings: Settings) -> Services:
             settings.public_base_url,
         ),
         weapons=weapons,
+        policy=PolicyFile(settings.content_policy),
         jobs=JobStore(
             redis,
             settings.job_ttl_s,

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.content_policy import Mode
+
 
 class Settings(BaseSettings):
     """Every setting of the gateway and the worker; FORGE_<NAME> sets <name>."""
@@ -38,6 +40,11 @@ class Settings(BaseSettings):
         None, description="whsec_... the dev key signs callbacks with (default: one is made)"
     )
     api_keys_file: Path | None = Field(None, description="YAML of hashed keys (a Secret)")
+    dev_key_content_policy: Mode = "strict"
+
+    # The content policy for players' free text (gateway.content_policy); each API key has
+    # its mode (strict, review or off).
+    content_policy: Path = Path(__file__).parent / "content_policy.yaml"
     # How long a key's previous webhook secret keeps signing after a rotation.
     webhook_secret_overlap_s: float = 86_400.0
 

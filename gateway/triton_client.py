@@ -1,7 +1,9 @@
 """The one module that talks to Triton: the `stable_diffusion` tensors, its config, its errors.
 
 Tensor names and types are the model's (and NVIDIA's Triton Stable Diffusion tutorial's:
-`prompt` in, `generated_image` out). tritonclient is imported here and nowhere else in the
+`prompt` in, `generated_image` out). A generation asks for no output by name, so Triton sends
+every output the model has: `flagged` (the safety checker's verdict) where the model has it,
+and a model without it still answers. tritonclient is imported here and nowhere else in the
 gateway: its exceptions leave this module as the gateway's own `ModelError`s, so callers
 never depend on Triton's status strings.
 """
@@ -25,6 +27,7 @@ MODEL_NAME = "stable_diffusion"
 STREAM_MODEL_NAME = "stable_diffusion_stream"
 IMAGE_OUTPUT = "generated_image"
 SEED_OUTPUT = "seed"
+FLAGGED_OUTPUT = "flagged"
 PREVIEW_OUTPUT = "preview"
 # A streamed error carries no gRPC status: the model starts its message with the status name.
 STREAM_STATUS = re.compile(r"^([A-Z_]+): ")
@@ -140,24 +143,25 @@ def make_inputs(module: Any, rows: list[ImageParams]) -> list[Any]:
     return inputs
 
 
-def make_outputs(module: Any) -> list[Any]:
-    """The two outputs every generation asks for: the images and the seeds used."""
-    return [module.InferRequestedOutput(IMAGE_OUTPUT), module.InferRequestedOutput(SEED_OUTPUT)]
-
-
 @dataclass(frozen=True)
 class GeneratedImage:
-    """One image of a result: height x width x 3 uint8 pixels and the seed that drew it."""
+    """One image of a result: height x width x 3 uint8 pixels, the seed that drew it, and
+    whether the model's safety checker flagged it (false from a model without the output)."""
 
     pixels: np.ndarray
     seed: int
+    flagged: bool = False
 
 
 def read_result(result: Any) -> list[GeneratedImage]:
     """The images of an InferResult, one per row, in row order."""
     images = result.as_numpy(IMAGE_OUTPUT)
     seeds = result.as_numpy(SEED_OUTPUT).reshape(-1)
-    return [GeneratedImage(img, int(s)) for img, s in zip(images, seeds, strict=True)]
+    flags = result.as_numpy(FLAGGED_OUTPUT)
+    flagged = [False] * len(seeds) if flags is None else [bool(f) for f in flags.reshape(-1)]
+    return [
+        GeneratedImage(img, int(s), f) for img, s, f in zip(images, seeds, flagged, strict=True)
+    ]
 
 
 def generate(
@@ -168,18 +172,13 @@ def generate(
         if protocol == "grpc":
             with grpcclient.InferenceServerClient(url) as client:
                 result = client.infer(
-                    MODEL_NAME,
-                    make_inputs(grpcclient, rows),
-                    outputs=make_outputs(grpcclient),
-                    client_timeout=timeout_s,
+                    MODEL_NAME, make_inputs(grpcclient, rows), client_timeout=timeout_s
                 )
         elif protocol == "http":
             import tritonclient.http as httpclient  # imported here: it needs gevent
 
             with httpclient.InferenceServerClient(url, network_timeout=timeout_s) as client:
-                result = client.infer(
-                    MODEL_NAME, make_inputs(httpclient, rows), outputs=make_outputs(httpclient)
-                )
+                result = client.infer(MODEL_NAME, make_inputs(httpclient, rows))
         else:
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
     return read_result(result)
@@ -251,10 +250,7 @@ class AsyncTriton:
         """The rows' images, or a ModelError."""
         result = await self._call(
             lambda: self.client.infer(
-                MODEL_NAME,
-                make_inputs(grpcclient, rows),
-                outputs=make_outputs(grpcclient),
-                client_timeout=self.timeout_s,
+                MODEL_NAME, make_inputs(grpcclient, rows), client_timeout=self.timeout_s
             )
         )
         return read_result(result)

@@ -44,8 +44,9 @@ from gateway import metrics
 from gateway.assets import StoreUnavailable
 from gateway.backoff import jittered
 from gateway.callbacks import Outbox
+from gateway.content_policy import audit_refusal
 from gateway.contract import UnknownContract
-from gateway.generation import progress_event
+from gateway.generation import UNSAFE_IMAGE, ImageFlagged, progress_event
 from gateway.jobs import TERMINAL, JobMessage, Written
 from gateway.queue import QueueUnavailable
 from gateway.schemas import ImageResult
@@ -338,6 +339,11 @@ class Worker:
         except ModelRejected as exc:
             await self.fail(record, message, "invalid", exc.message)
             return
+        except ImageFlagged:  # the same seed makes the same image: not retried
+            texts = [message.spec.prompt, message.spec.negative_prompt]
+            audit_refusal(message.api_key_id, "job", UNSAFE_IMAGE, texts)
+            await self.fail(record, message, "invalid", "the model's safety check flagged it")
+            return
         except ModelFailed as exc:  # the model failed on this item: it counts as an attempt
             await self.retry(record, message, f"the image model failed: {exc.message}")
             return
@@ -365,12 +371,15 @@ class Worker:
     async def make(self, message: JobMessage) -> ImageResult | None:
         """The item's image, from the cache or made with its progress recorded step by
         step; None if the item was cancelled meanwhile (the model's work stopped)."""
-        spec = message.spec
-        cached = await self.generator.cached(spec)
+        spec, refuse_flagged = message.spec, message.content_policy == "strict"
+        cached = await self.generator.cached(spec, refuse_flagged=refuse_flagged)
         if cached is not None:
             return cached
         generation = self.generator.generation(
-            spec, source="job", preview_every=self.settings.job_preview_every
+            spec,
+            source="job",
+            preview_every=self.settings.job_preview_every,
+            refuse_flagged=refuse_flagged,
         )
         async with contextlib.aclosing(generation) as events:
             async for event in events:

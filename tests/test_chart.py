@@ -566,6 +566,68 @@ def test_weapon_templates_from_a_configmap() -> None:
     )
 
 
+POLICY = "/etc/forge/content-policy/content-policy.yaml"
+
+
+def assert_content_policy_mounted(docs: list[dict], configmap: str) -> None:
+    """The gateway and the worker mount the policy ConfigMap as a directory (no subPath, so
+    kubelet's updates reach the running pods' file) and read it through FORGE_CONTENT_POLICY."""
+    for workload in ("forge-gateway", "forge-worker"):
+        spec = one(docs, "Deployment", workload)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["content-policy"]["configMap"]["name"] == configmap, workload
+        container = spec["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "content-policy")
+        assert mount == {
+            "name": "content-policy",
+            "mountPath": "/etc/forge/content-policy",
+            "readOnly": True,
+        }, workload
+        assert env_of(container)["FORGE_CONTENT_POLICY"] == POLICY, workload
+        assert POLICY.startswith(mount["mountPath"] + "/")
+        assert settings_from(env_of(container)).content_policy == Path(POLICY)
+
+
+def test_content_policy_from_a_configmap(rendered: dict) -> None:
+    content = "categories:\n  gore: [decapitated]"
+    docs = render("production.yaml", sets=(f"forge.contentPolicy.content={content}",))
+    cm = one(docs, "ConfigMap", "forge-content-policy")
+    assert yaml.safe_load(cm["data"]["content-policy.yaml"]) == {
+        "categories": {"gore": ["decapitated"]}
+    }
+    assert_content_policy_mounted(docs, "forge-content-policy")
+    # The policy is read again when its file changes: an edit must not roll the pods.
+    for workload in ("forge-gateway", "forge-worker"):
+        before = one(rendered["production"], "Deployment", workload)["spec"]["template"]
+        after = one(docs, "Deployment", workload)["spec"]["template"]
+        assert (
+            after["metadata"]["annotations"]["checksum/config"]
+            == before["metadata"]["annotations"]["checksum/config"]
+        ), workload
+    # Without one, the pods use the policy built into the image.
+    for name, scenario in rendered.items():
+        assert not find(scenario, "ConfigMap", "forge-content-policy"), name
+        for workload, _, spec in pod_specs(scenario):
+            for container in containers(spec):
+                assert "FORGE_CONTENT_POLICY" not in env_of(container), (name, workload)
+    result = helm_template(
+        "production.yaml", sets=("forge.extraEnv.FORGE_CONTENT_POLICY=/elsewhere.yaml",)
+    )
+    assert result.returncode != 0 and "FORGE_CONTENT_POLICY" in result.stderr
+
+
+def test_content_policy_from_an_existing_configmap() -> None:
+    docs = render(
+        "production.yaml",
+        sets=(
+            "forge.contentPolicy.existingConfigMap=studio-policy",
+            "forge.contentPolicy.content=ignored: true",
+        ),
+    )
+    assert not find(docs, "ConfigMap", "forge-content-policy")
+    assert_content_policy_mounted(docs, "studio-policy")
+
+
 def test_assets_on_a_pvc_keep_gateway_and_workers_on_one_node(rendered: dict) -> None:
     docs = rendered["minimal"]
     worker = one(docs, "Deployment", "forge-worker")["spec"]["template"]["spec"]
@@ -1339,5 +1401,8 @@ def test_dockerfiles_follow_the_contract() -> None:
     pinned = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
     assert pinned and f"torch=={pinned[1]}" in gateway
     # The wheel carries only .py files: the page and the default templates are copied in.
-    assert "cp -r gateway/static gateway/weapon_templates.yaml" in gateway
+    assert (
+        "cp -r gateway/static gateway/weapon_templates.yaml gateway/content_policy.yaml" in gateway
+    )
+    assert "Settings().content_policy.is_file()" in gateway
     assert "import gateway.__main__, gateway.app, gateway.worker" in gateway

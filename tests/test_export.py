@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from export.__main__ import main as export_main
-from export.components import COMPONENTS
+from export.components import COMPONENTS, SAFETY_CHECKER
 from export.errors import ExportError
 from export.onnx_export import export_onnx
 from export.tiny import write_tiny
@@ -48,7 +48,8 @@ def test_export_writes_checked_onnx_and_a_manifest_under_tolerance(weights: Path
     manifest = json.loads((weights / "manifest.json").read_text())
     assert manifest["model"]["name"] == "forge-tiny-sd"
     assert len(manifest["model"]["version"]) == 12
-    for spec in COMPONENTS:
+    assert manifest["safety_checker"]["component"] == SAFETY_CHECKER.as_manifest()
+    for spec in (*COMPONENTS, SAFETY_CHECKER):
         onnx_file = weights / spec.filename
         onnx.checker.check_model(str(onnx_file), full_check=True)
         graph = onnx.load(str(onnx_file), load_external_data=False).graph

@@ -269,6 +269,7 @@ def test_dashboards_show_what_the_issue_asks_for() -> None:
         "forge_time_to_first_preview_seconds_bucket",
         "forge_streams_cancelled_total",
         "forge_job_items_cancelled_total",
+        "forge_content_policy_total",
         "forge_denoising_steps_total",
     ):
         assert needed in overview, needed

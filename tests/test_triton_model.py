@@ -24,7 +24,6 @@ from gateway.triton_client import (
     ModelFailed,
     generate,
     make_inputs,
-    make_outputs,
 )
 from launcher.process import ServiceError
 from launcher.triton import Triton
@@ -110,7 +109,7 @@ def test_concurrent_requests_are_batched_and_images_do_not_depend_on_batch_mates
 def invalid(triton: Triton, inputs: list[Any]) -> InferenceServerException:
     with grpcclient.InferenceServerClient(triton.grpc_url) as client:
         with pytest.raises(InferenceServerException) as info:
-            client.infer(MODEL_NAME, inputs, outputs=make_outputs(grpcclient))
+            client.infer(MODEL_NAME, inputs)
         assert client.is_server_ready() and client.is_model_ready(MODEL_NAME)
     return info.value
 
@@ -326,9 +325,7 @@ def test_a_request_with_only_a_prompt_is_resolved_by_the_model(triton: Triton) -
     prompt = grpcclient.InferInput("prompt", [1, 1], "BYTES")
     prompt.set_data_from_numpy(np.array([[b"a frost-forged legendary axe"]], dtype=np.object_))
     with grpcclient.InferenceServerClient(triton.grpc_url) as client:
-        results = [
-            client.infer(MODEL_NAME, [prompt], outputs=make_outputs(grpcclient)) for _ in range(2)
-        ]
+        results = [client.infer(MODEL_NAME, [prompt]) for _ in range(2)]
     images = [r.as_numpy("generated_image") for r in results]
     seeds = [int(r.as_numpy("seed")[0, 0]) for r in results]
     assert images[0].shape == (1, 128, 128, 3)  # default_size, from the weights

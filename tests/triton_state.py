@@ -31,7 +31,6 @@ from gateway.triton_client import (
     ImageParams,
     generate,
     make_inputs,
-    make_outputs,
 )
 from launcher.triton import Triton
 from tests.polling import wait_until
@@ -172,7 +171,6 @@ class Calls:
             MODEL_NAME,
             make_inputs(grpcclient, rows),
             callback=done,
-            outputs=make_outputs(grpcclient),
         )
         self.sent.append(call)
         return call

@@ -18,9 +18,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from gateway import metrics
 from gateway.api.deps import GenerateKey, ImageBody, Parsed, ServicesDep, WeaponBody
 from gateway.api.http import EVENT_STREAM, IdempotencyKey, problems
+from gateway.api.policy import covered, screen, strict
 from gateway.assets import MEDIA_TYPES
 from gateway.bodies import contract_body
-from gateway.generation import progress_event
+from gateway.content_policy import audit_refusal
+from gateway.generation import UNSAFE_IMAGE, ImageFlagged, progress_event
 from gateway.idempotency import Claim
 from gateway.keys import ApiKey
 from gateway.problems import Problem, as_problem, unavailable
@@ -131,9 +133,11 @@ async def run_sync(
     spec: ImageSpec,
     idempotency_key: str | None,
     preview_every: int,
+    flags: list[str],
 ) -> Response:
-    """Idempotency, cache, rate limit, generation, in that order; one result per request.
-    Streamed (Accept: text/event-stream), the generation runs as the events are sent."""
+    """Idempotency, cache, rate limit, generation, in that order; one result per request,
+    with the content policy's `flags`. Streamed (Accept: text/event-stream), the generation
+    runs as the events are sent."""
     claim = svc.idempotency.claim(
         key.id, idempotency_key, request.url.path, parsed.body.model_dump(mode="json")
     )
@@ -141,21 +145,28 @@ async def run_sync(
     if stored is not None:
         return await render(request, svc, ImageResult(**stored), {"Idempotent-Replayed": "true"})
     try:
-        result = await svc.generator.cached(spec)
+        result = await svc.generator.cached(spec, refuse_flagged=strict(key))
         units = 1 if result else cost(spec, parsed.bodies.contract)
         charge = await svc.limiter.charge(key.id, key.tier, units)
         if result is None and wants_events(request):
-            events = stream(request, svc, key, spec, units, claim, preview_every)
+            events = stream(request, svc, key, spec, units, claim, preview_every, flags)
             return EventSourceResponse(
                 events, headers={**charge.headers(), "X-Cache": "miss"}, ping=15
             )
         if result is None:
             result = await generate_or_refund(request, svc, key, spec, units)
-    except BaseException:
+    except BaseException as exc:
         await claim.release()
+        audit_flagged(request, key, spec, exc)
         raise
+    result = flagged(result, flags)
     await keep_for_replays(claim, result)
     return await render(request, svc, result, charge.headers())
+
+
+def flagged(result: ImageResult, flags: list[str]) -> ImageResult:
+    """The result with the content policy's categories its request's text fell in."""
+    return result.model_copy(update={"content_flags": flags}) if flags else result
 
 
 async def keep_for_replays(claim: Claim, result: ImageResult) -> None:
@@ -171,7 +182,13 @@ def clients_doing(exc: Exception) -> bool:
     """Whether a failed generation is the client's doing (an invalid request), which keeps
     its charge; anything else failed on the server's side. A client that went away
     (cancellation, not an Exception) keeps its charge too."""
-    return isinstance(exc, ModelRejected | Problem)
+    return isinstance(exc, ModelRejected | Problem | ImageFlagged)
+
+
+def audit_flagged(request: Request, key: ApiKey, spec: ImageSpec, exc: BaseException) -> None:
+    """The audit line of a flagged image refused to a strict key, if `exc` is that."""
+    if isinstance(exc, ImageFlagged):
+        audit_refusal(key.id, request.url.path, UNSAFE_IMAGE, [spec.prompt, spec.negative_prompt])
 
 
 async def generate_or_refund(
@@ -180,7 +197,8 @@ async def generate_or_refund(
     """Generate (cancelled if the client leaves); a failure on the server's side (the model
     failed or is away, a store failed) gives the charge back."""
     try:
-        return await cancel_on_disconnect(request, svc.generator.generate(spec, source="sync"))
+        generation = svc.generator.generate(spec, source="sync", refuse_flagged=strict(key))
+        return await cancel_on_disconnect(request, generation)
     except Exception as exc:
         if not clients_doing(exc):
             await svc.limiter.refund(key.id, key.tier, units)
@@ -195,6 +213,7 @@ async def stream(
     units: int,
     claim: Claim,
     preview_every: int,
+    flags: list[str],
 ) -> AsyncIterator[ServerSentEvent]:
     """The events of one streamed generation: progress and previews, then `result` or
     `error`. A client that disconnects cancels the model's work (it stops before its next
@@ -204,7 +223,9 @@ async def stream(
     metrics.OPEN_STREAMS.inc()
     try:
         async with aclosing(
-            svc.generator.generation(spec, source="sync", preview_every=preview_every)
+            svc.generator.generation(
+                spec, source="sync", preview_every=preview_every, refuse_flagged=strict(key)
+            )
         ) as generation:
             async for event in generation:
                 if isinstance(event, Progress):
@@ -213,8 +234,9 @@ async def stream(
                         previewed = True
                     yield sse(*progress_event(event))
                     continue
-                await keep_for_replays(claim, event)
-                yield sse("result", event)
+                result = flagged(event, flags)
+                await keep_for_replays(claim, result)
+                yield sse("result", result)
     except asyncio.CancelledError:
         metrics.STREAMS_CANCELLED.inc()
         await asyncio.shield(claim.release())
@@ -223,6 +245,7 @@ async def stream(
         await claim.release()
         if not clients_doing(exc):
             await svc.limiter.refund(key.id, key.tier, units)
+        audit_flagged(request, key, spec, exc)
         problem = as_problem(exc, request.url.path, svc.settings.retry_after_s)
         yield sse("error", problem.body(request.url.path))
     finally:
@@ -246,8 +269,9 @@ async def create_image(
 ) -> Response:
     """Generate one image and wait for it (sync), or watch it made (server-sent events).
     Same seed and parameters: same image."""
-    spec = parsed.bodies.image_spec(parsed.body)
-    return await run_sync(request, svc, key, parsed, spec, idempotency_key, preview_every)
+    (flags,) = screen(svc, key, request.url.path, [parsed.body])
+    spec = covered(svc, key, parsed.bodies.image_spec(parsed.body))
+    return await run_sync(request, svc, key, parsed, spec, idempotency_key, preview_every, flags)
 
 
 @router.post("/v1/weapons", openapi_extra=contract_body("WeaponRequest"), **DOCUMENTED)
@@ -261,5 +285,6 @@ async def create_weapon(
 ) -> Response:
     """A weapon from game terms; the server's templates write the prompt. Streams like
     /v1/images."""
-    spec = parsed.bodies.weapon_spec(parsed.body)
-    return await run_sync(request, svc, key, parsed, spec, idempotency_key, preview_every)
+    (flags,) = screen(svc, key, request.url.path, [parsed.body])
+    spec = covered(svc, key, parsed.bodies.weapon_spec(parsed.body))
+    return await run_sync(request, svc, key, parsed, spec, idempotency_key, preview_every, flags)

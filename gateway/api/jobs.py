@@ -15,11 +15,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from gateway import metrics
 from gateway.api.deps import GenerateKey, ImageJobBody, Parsed, ServicesDep, WeaponJobBody
 from gateway.api.http import EVENT_STREAM, IdempotencyKey, LastEventId, problems
+from gateway.api.policy import covered, screen
 from gateway.bodies import contract_body
 from gateway.callback_urls import UnsafeCallback
 from gateway.idempotency import Claim
@@ -49,11 +51,15 @@ async def submit(
     svc: Services,
     key: ApiKey,
     parsed: Parsed,
+    items: list[BaseModel],
     specs: list[ImageSpec],
     idempotency_key: str | None,
 ) -> Response:
-    """Charge, record the job, and queue one message per image (seeds fixed now); with an
-    Idempotency-Key, a retried submission gets the job of the first."""
+    """Screen the items' text, charge, record the job, and queue one message per image
+    (seeds fixed now); with an Idempotency-Key, a retried submission gets the job of the
+    first."""
+    flags = screen(svc, key, request.url.path, items)
+    specs = [covered(svc, key, spec) for spec in specs]
     options = parsed.body
     assert isinstance(options, JobOptions)
     callback_url = getattr(options, "callback_url", None)
@@ -69,7 +75,7 @@ async def submit(
             raise Problem(404, "Not Found", f"job {stored['job_id']} of this key has expired")
         return accepted(status, {"Idempotent-Replayed": "true"})
     try:
-        status, headers = await enqueue(svc, key, parsed, specs, options, claim)
+        status, headers = await enqueue(svc, key, parsed, specs, flags, options, claim)
     except BaseException:
         await claim.release()
         raise
@@ -101,6 +107,7 @@ async def enqueue(
     key: ApiKey,
     parsed: Parsed,
     specs: list[ImageSpec],
+    flags: list[list[str]],
     options: JobOptions,
     claim: Claim,
 ) -> tuple[JobStatus, dict[str, str]]:
@@ -125,6 +132,7 @@ async def enqueue(
             submitted_at=now,
             tier=tier,
             units=units[index],
+            content_policy=key.content_policy,
         )
         for index, spec in enumerate(specs)
     ]
@@ -134,6 +142,7 @@ async def enqueue(
         messages,
         tier,
         getattr(options, "callback_url", None),
+        flags,
         within=lambda pipe: claim.record(pipe, {"job_id": job_id}),
     )
     try:
@@ -164,8 +173,9 @@ async def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Queue images; poll the Location, or get a signed callback when they are done."""
-    specs = parsed.bodies.image_job_specs(parsed.body)
-    return await submit(request, svc, key, parsed, specs, idempotency_key)
+    body = parsed.body
+    specs = parsed.bodies.image_job_specs(body)
+    return await submit(request, svc, key, parsed, body.images, specs, idempotency_key)
 
 
 @router.post(
@@ -183,8 +193,9 @@ async def create_weapon_job(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Queue weapons (e.g. variations: the same weapon with neighbouring seeds)."""
-    specs = parsed.bodies.weapon_job_specs(parsed.body)
-    return await submit(request, svc, key, parsed, specs, idempotency_key)
+    body = parsed.body
+    specs = parsed.bodies.weapon_job_specs(body)
+    return await submit(request, svc, key, parsed, body.weapons, specs, idempotency_key)
 
 
 async def owned(svc: Services, key: ApiKey, job_id: str) -> dict[str, Any]:

@@ -31,7 +31,11 @@ async def create_key(svc: ServicesDep, _: AdminKey, body: KeyRequest) -> dict[st
     """A new key; its secret and its webhook secret are in this response only."""
     expires_at = time.time() + body.expires_in_days * 86_400 if body.expires_in_days else None
     secret, record = await svc.keys.create(
-        body.name, tuple(body.scopes), body.tier, expires_at=expires_at
+        body.name,
+        tuple(body.scopes),
+        body.tier,
+        expires_at=expires_at,
+        content_policy=body.content_policy,
     )
     return {**record.public(), "key": secret, "webhook_secret": record.webhook_secrets[0]}
 

@@ -20,10 +20,11 @@ COPY export ./export
 COPY gateway ./gateway
 COPY launcher ./launcher
 # pyproject.toml declares no package data, so the wheel holds only .py files: the web page
-# (gateway/static/) and the default weapon templates are copied beside the installed package.
+# (gateway/static/), the default weapon templates and the default content policy are copied
+# beside the installed package.
 RUN /opt/venv/bin/pip install . \
  && site=$(/opt/venv/bin/python -I -c 'import gateway, os; print(os.path.dirname(gateway.__file__))') \
- && cp -r gateway/static gateway/weapon_templates.yaml "$site/"
+ && cp -r gateway/static gateway/weapon_templates.yaml gateway/content_policy.yaml "$site/"
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
@@ -38,6 +39,7 @@ COPY --from=build /opt/venv /opt/venv
 # Fail the build if the API or the worker is missing a dependency or a data file.
 RUN python -I -c "import gateway.__main__, gateway.app, gateway.worker, gateway.api.page; \
 from gateway.settings import Settings; assert Settings().weapon_templates.is_file(); \
+assert Settings().content_policy.is_file(); \
 assert gateway.api.page.STATIC_DIR.joinpath('index.html').is_file()"
 USER 10001:10001
 WORKDIR /tmp

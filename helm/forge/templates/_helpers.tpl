@@ -235,6 +235,17 @@ Name of the ConfigMap holding the weapon templates ("" when none).
 {{- end }}
 
 {{/*
+Name of the ConfigMap holding the content policy ("" when none).
+*/}}
+{{- define "forge.contentPolicyConfigMap" -}}
+{{- if .Values.forge.contentPolicy.existingConfigMap }}
+{{- .Values.forge.contentPolicy.existingConfigMap }}
+{{- else if .Values.forge.contentPolicy.content }}
+{{- printf "%s-content-policy" (include "forge.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
 Name of the assets claim.
 */}}
 {{- define "forge.assetsClaim" -}}
@@ -339,7 +350,11 @@ The FORGE_* environment of the gateway and the workers.
 - name: FORGE_WEAPON_TEMPLATES
   value: /etc/forge/weapon-templates/weapon-templates.yaml
 {{- end }}
-{{- $managed := list "FORGE_HOST" "FORGE_PORT" "FORGE_TRITON_GRPC_URL" "FORGE_REDIS_URL" "FORGE_CACHE_REDIS_URL" "FORGE_KAFKA_BOOTSTRAP" "FORGE_TOPIC_PREFIX" "FORGE_TOPIC_PARTITIONS" "FORGE_TOPIC_REPLICATION" "FORGE_KAFKA_IDEMPOTENCE" "FORGE_CONSUMER_GROUP" "FORGE_WORKER_METRICS_PORT" "FORGE_WORKER_CONCURRENCY" "FORGE_MAX_POLL_INTERVAL_MS" "FORGE_SESSION_TIMEOUT_MS" "FORGE_CALLBACKS" "FORGE_CALLBACK_PORTS" "FORGE_CALLBACK_ALLOW_NETWORKS" "FORGE_FORWARDED_ALLOW_IPS" "FORGE_ASSET_S3_BUCKET" "FORGE_ASSET_S3_PREFIX" "FORGE_ASSET_DIR" "FORGE_PUBLIC_BASE_URL" "FORGE_API_KEYS_FILE" "FORGE_WEAPON_TEMPLATES" }}
+{{- if include "forge.contentPolicyConfigMap" . }}
+- name: FORGE_CONTENT_POLICY
+  value: /etc/forge/content-policy/content-policy.yaml
+{{- end }}
+{{- $managed := list "FORGE_HOST" "FORGE_PORT" "FORGE_TRITON_GRPC_URL" "FORGE_REDIS_URL" "FORGE_CACHE_REDIS_URL" "FORGE_KAFKA_BOOTSTRAP" "FORGE_TOPIC_PREFIX" "FORGE_TOPIC_PARTITIONS" "FORGE_TOPIC_REPLICATION" "FORGE_KAFKA_IDEMPOTENCE" "FORGE_CONSUMER_GROUP" "FORGE_WORKER_METRICS_PORT" "FORGE_WORKER_CONCURRENCY" "FORGE_MAX_POLL_INTERVAL_MS" "FORGE_SESSION_TIMEOUT_MS" "FORGE_CALLBACKS" "FORGE_CALLBACK_PORTS" "FORGE_CALLBACK_ALLOW_NETWORKS" "FORGE_FORWARDED_ALLOW_IPS" "FORGE_ASSET_S3_BUCKET" "FORGE_ASSET_S3_PREFIX" "FORGE_ASSET_DIR" "FORGE_PUBLIC_BASE_URL" "FORGE_API_KEYS_FILE" "FORGE_WEAPON_TEMPLATES" "FORGE_CONTENT_POLICY" }}
 {{- range $name, $value := .Values.forge.extraEnv }}
 {{- if eq $name "FORGE_WEBHOOK_SECRET" }}
 {{- fail "forge.extraEnv.FORGE_WEBHOOK_SECRET: there is no deployment-wide webhook secret; each API key signs its callbacks with its own (POST /v1/admin/keys returns it, a keys-file entry may carry it as webhook_secret; docs/deploy.md)" }}
@@ -499,6 +514,11 @@ Volumes shared by the gateway and the workers.
   configMap:
     name: {{ . }}
 {{- end }}
+{{- with include "forge.contentPolicyConfigMap" . }}
+- name: content-policy
+  configMap:
+    name: {{ . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -519,6 +539,14 @@ Volume mounts shared by the gateway and the workers.
 {{- if include "forge.weaponTemplatesConfigMap" . }}
 - name: weapon-templates
   mountPath: /etc/forge/weapon-templates
+  readOnly: true
+{{- end }}
+{{- /* The whole directory, never a subPath: kubelet updates a ConfigMap directory mount in
+place (a subPath mount keeps the file the pod started with), so a policy edit reaches the
+running processes, which read the file again when it changes. */}}
+{{- if include "forge.contentPolicyConfigMap" . }}
+- name: content-policy
+  mountPath: /etc/forge/content-policy
   readOnly: true
 {{- end }}
 {{- end }}

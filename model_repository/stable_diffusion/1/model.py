@@ -13,6 +13,9 @@ response after every denoising step (`step`, `total_steps`, `elapsed_s`; at most
 `progress_interval_s` where the client asks for less), with a `preview` every
 `preview_every` steps, then its final response: the image and seed `stable_diffusion` gives
 for the same inputs.
+
+Every image response carries `flagged` beside the image and the seed: whether the safety
+checker flagged the row's image (always false for weights without a checker).
 """
 
 from __future__ import annotations
@@ -237,8 +240,8 @@ class TritonPythonModel:
         return rows
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
-        """One response per request: images and the seeds used, or a typed error; streamed,
-        sent as each request's final response after its progress."""
+        """One response per request: images, the seeds used and the safety flags, or a
+        typed error; streamed, sent as each request's final response after its progress."""
         responses: list[Any] = [None] * len(requests)
         senders: list[Any] = [r.get_response_sender() if self.streaming else None for r in requests]
         accepted: list[tuple[int, list[Row]]] = []
@@ -290,7 +293,7 @@ def _with_status_name(response: Any) -> Any:
 
 def _response(rows: list[Row], outcomes: list[Outcome]) -> Any:
     """One request's response: INTERNAL naming each failure of its rows, else CANCELLED
-    where a row was cancelled, else its images and seeds."""
+    where a row was cancelled, else its images, seeds and safety flags."""
     failures = list(dict.fromkeys(str(o) for o in outcomes if isinstance(o, RowFailure)))
     if failures:
         message = f"generation failed: {'; '.join(failures)}"
@@ -306,5 +309,6 @@ def _response(rows: list[Row], outcomes: list[Outcome]) -> Any:
         output_tensors=[
             pb_utils.Tensor("generated_image", np.stack(images)),
             pb_utils.Tensor("seed", np.array([[r.request.seed] for r in rows], dtype=np.int64)),
+            pb_utils.Tensor("flagged", np.array([[r.flagged] for r in rows], dtype=np.bool_)),
         ]
     )

@@ -10,6 +10,10 @@ A batch that fails (an exception in a network or a scheduler) fails only its own
 `RowFailure` of its batch, and every other batch still runs. `generate` is the all-or-error
 form of it, for callers that want every image or an exception.
 
+Where the weights have a safety checker, each decoded image is checked on its own
+(`sd_safety`): a flagged image is blurred, replaced or kept as the config's `safety_action`
+says, and its row is marked `flagged`.
+
 Components take and return torch tensors on their device (`sd_runtimes`): on a GPU runtime
 the embeddings, latents, scheduler steps and the decoded image stay in GPU memory from the
 text encoder to the final uint8 image; only token ids go in and the uint8 image comes out.
@@ -39,6 +43,7 @@ from sd_requests import (
     make_row,
 )
 from sd_runtimes import Component, RuntimeSettings, load_components, positive_integer
+from sd_safety import SafetyChecker, SafetySettings, load_safety_checker
 from sd_weights import Shape, input_shapes, load_manifest
 from transformers import CLIPTokenizer
 
@@ -103,8 +108,9 @@ class StableDiffusionCore:
 
     `parameters` are the model config's parameters as Triton passes them (strings):
     the generation contract (`sd_contract`), the values copied from the weights' manifest,
-    the runtime settings (`sd_runtimes.RuntimeSettings`) and `max_batch_pixels` (the most
-    UNet pixels of one batch, see `batches`); `max_batch_size` is the config's. Loading
+    the runtime settings (`sd_runtimes.RuntimeSettings`), `max_batch_pixels` (the most
+    UNet pixels of one batch, see `batches`) and the safety check's settings
+    (`sd_safety.SafetySettings`); `max_batch_size` is the config's. Loading
     refuses, naming the file or parameter, weights that do not match `weights.schema.json`
     and a config that is incomplete, inconsistent or made for other weights.
     """
@@ -129,6 +135,9 @@ class StableDiffusionCore:
             default_size=self.contract.default_size,
         )
         self.device = self.components["unet"].device
+        self.safety: SafetyChecker | None = load_safety_checker(
+            weights, self.manifest, SafetySettings.from_config(parameters), self.settings
+        )
 
     @property
     def model_name(self) -> str:
@@ -311,4 +320,7 @@ class StableDiffusionCore:
         pixels = ((decoded / 2 + 0.5).clamp(0.0, 1.0) * 255).round().to(torch.uint8)
         images = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # one copy to host
         by_row = {id(r): images[i] for i, r in enumerate(live)}
+        if self.safety is not None:
+            for r in live:
+                by_row[id(r)], r.flagged = self.safety.screen(by_row[id(r)])
         return [by_row.get(id(r)) for r in rows]

@@ -102,13 +102,16 @@ class ResolvedRequest:
 @dataclass
 class Row:
     """A resolved request with its own scheduler and random generator, asked before every
-    step whether it was cancelled, and told of each step done where it has an observer."""
+    step whether it was cancelled, and told of each step done where it has an observer.
+    Once its image is decoded, `flagged` says whether the safety checker flagged it (never,
+    for weights without one)."""
 
     request: ResolvedRequest
     scheduler: Scheduler
     generator: torch.Generator
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
     on_step: StepObserver | None = None
+    flagged: bool = False
 
     def step_kwargs(self) -> dict[str, Any]:
         """The scheduler.step keyword arguments for this row: its generator, where taken."""

@@ -101,7 +101,9 @@ class Component(Protocol):
         ...
 
 
-def _ort_session(path: Path, threads: int, providers: list[Any]) -> Any:
+def ort_session(path: Path, threads: int, providers: list[Any]) -> Any:
+    """An ONNX Runtime session on `path` with `threads` intra-op threads, quiet and not
+    spinning, on the first of `providers` that can run it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -119,7 +121,7 @@ class OnnxRuntimeComponent:
     device = torch.device("cpu")
 
     def __init__(self, folder: Path, spec: dict[str, Any], *, threads: int) -> None:
-        self.session = _ort_session(folder / spec["file"], threads, ["CPUExecutionProvider"])
+        self.session = ort_session(folder / spec["file"], threads, ["CPUExecutionProvider"])
         self.input_names = [t["name"] for t in spec["inputs"]]
         self.input_dtypes = [np.dtype(t["dtype"]) for t in spec["inputs"]]
         self.output_name = spec["outputs"][0]["name"]
@@ -159,7 +161,7 @@ class OnnxRuntimeCudaComponent:
         ]
         self.manifest, self.name = manifest, name
         self.spec = manifest["components"][name]
-        self.session = _ort_session(folder / self.spec["file"], threads, providers)
+        self.session = ort_session(folder / self.spec["file"], threads, providers)
         self.input_dtypes = [getattr(torch, t["dtype"]) for t in self.spec["inputs"]]
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:

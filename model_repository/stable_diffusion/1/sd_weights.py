@@ -72,7 +72,10 @@ def load_manifest(weights: Path) -> dict[str, Any]:
     """The weights manifest in `weights`, validated."""
     fix = "re-run the export (`python -m export onnx`)"
     manifest = _load(MANIFEST, weights / weights_file("manifest"), fix)
-    for name, component in manifest["components"].items():
+    components = dict(manifest["components"])
+    if "safety_checker" in manifest:
+        components["safety_checker"] = manifest["safety_checker"]["component"]
+    for name, component in components.items():
         for tensor in (*component["inputs"], *component["outputs"]):
             shape = tensor["shape"]
             unknown = [d for d in shape if isinstance(d, str) and d not in manifest["dimensions"]]

@@ -71,10 +71,13 @@ def main() -> int:
         admin = {"Authorization": f"Bearer {state['dev_api_key']}"}
         with httpx.Client(base_url=state["services"]["gateway"]["url"], timeout=120) as c:
             off, strict = (keyed_call(c, admin, mode) for mode in ("off", "strict"))
-            with off, strict:
+            try:
                 measured = rounds.alternating(
                     lambda: cached_call(off), lambda: cached_call(strict), pairs=PAIRS
                 )
+            finally:
+                off.close()
+                strict.close()
     overhead = rounds.summary(measured)
     figures = {
         "benchmark": "make bench (perf/bench_policy.py)",

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import uuid
-from http.server import HTTPServer
 from typing import Any
 
 from redis.asyncio import Redis
@@ -20,7 +18,7 @@ from launcher.triton import Triton
 from tests.conftest import WEBHOOK_SECRET, JobsStack
 from tests.polling import wait_until
 from tests.test_gateway import gateway_metric
-from tests.test_jobs import api, receiver, submit, worker_metric
+from tests.test_jobs import api, callback_receiver, submit, worker_metric
 from tests.test_streaming_gateway import read_sse
 from tests.test_streaming_model import AXE, stream
 from tests.triton_state import steps_done
@@ -179,15 +177,6 @@ def test_cancelling_a_job_stops_its_running_item_and_skips_its_queued_one(
     while the first long one runs. The finished item keeps its image; the running one
     stops early (Triton counted fewer than its steps); the queued one never reaches Triton;
     the callback says cancelled; nothing is left running."""
-    handler, calls = receiver(failures=0)
-    server = HTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    allow = {
-        "FORGE_CALLBACK_ALLOW_NETWORKS": '["127.0.0.1/32"]',
-        "FORGE_CALLBACK_PORTS": f"[80, 443, {server.server_port}]",
-        # One partition and one item at a time: the items run in their order.
-        "FORGE_TOPIC_PARTITIONS": "1",
-    }
     marker = uuid.uuid4().hex[:6]
     quick = {"prompt": f"a quick dirk {marker}", "steps": 2, "width": 64, "height": 64}
     long = {"steps": 150, "width": 512, "height": 512, "scheduler": "euler"}
@@ -196,14 +185,16 @@ def test_cancelling_a_job_stops_its_running_item_and_skips_its_queued_one(
         {"prompt": f"a long pike {marker}", **long},
         {"prompt": f"a long maul {marker}", **long},
     ]
-    try:
-        gateway = jobs_stack.start_gateway(**allow)
-        worker = jobs_stack.start_worker(**allow, FORGE_WORKER_CONCURRENCY="1")
+    # One partition and one item at a time: the items run in their order.
+    in_order = {"FORGE_TOPIC_PARTITIONS": "1"}
+    with callback_receiver(failures=0) as (url, calls, allow):
+        gateway = jobs_stack.start_gateway(**allow, **in_order)
+        worker = jobs_stack.start_worker(**allow, **in_order, FORGE_WORKER_CONCURRENCY="1")
         steps_before = steps_done(triton)
         running_before = gateway_metric(gateway, "forge_job_items_cancelled_total", state="running")
         queued_before = gateway_metric(gateway, "forge_job_items_cancelled_total", state="queued")
         with api(jobs_stack) as c:
-            job_id = submit(c, images, callback_url=f"http://127.0.0.1:{server.server_port}/hook")
+            job_id = submit(c, images, callback_url=url)
 
             def second_item_stepping() -> dict[str, Any] | None:
                 job = c.get(f"/v1/jobs/{job_id}").json()
@@ -231,9 +222,6 @@ def test_cancelling_a_job_stops_its_running_item_and_skips_its_queued_one(
         ran = steps_done(triton) - steps_before - len(progress) - quick["steps"]
         assert 1 <= ran < 150, f"the cancelled item ran {ran} of its 150 steps"
         wait_until("the callback is sent", lambda: calls)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert (
         gateway_metric(gateway, "forge_job_items_cancelled_total", state="running")
         == running_before + 1

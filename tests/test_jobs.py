@@ -7,6 +7,8 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -220,10 +222,15 @@ def test_a_triton_outage_pauses_the_workers_and_fails_nothing(
         own.stop()
 
 
-def receiver(failures: int) -> tuple[type[BaseHTTPRequestHandler], list[tuple[dict, bytes]]]:
-    """A webhook endpoint of this test's own: it records every call and answers the first
-    `failures` with 500, then 204."""
-    calls: list[tuple[dict[str, str], bytes]] = []
+Calls = list[tuple[dict[str, str], bytes]]
+
+
+@contextmanager
+def callback_receiver(failures: int) -> Iterator[tuple[str, Calls, dict[str, str]]]:
+    """A webhook endpoint of this test's own on a free port: its URL, the calls it records
+    (answering the first `failures` with 500, then 204), and the settings that admit it (it
+    is internal: the operator's allowlist admits it, on its port)."""
+    calls: Calls = []
 
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -235,25 +242,26 @@ def receiver(failures: int) -> tuple[type[BaseHTTPRequestHandler], list[tuple[di
         def log_message(self, *args: Any) -> None:
             pass
 
-    return Receiver, calls
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    allow = {
+        "FORGE_CALLBACK_ALLOW_NETWORKS": '["127.0.0.1/32"]',
+        "FORGE_CALLBACK_PORTS": f"[80, 443, {server.server_port}]",
+    }
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/forge-hook", calls, allow
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_callbacks_are_signed_and_retried(jobs_stack: JobsStack) -> None:
     from standardwebhooks import Webhook
 
-    handler, calls = receiver(failures=1)
-    server = HTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    # The receiver is internal: the operator's allowlist admits it, on its port.
-    allow = {
-        "FORGE_CALLBACK_ALLOW_NETWORKS": '["127.0.0.1/32"]',
-        "FORGE_CALLBACK_PORTS": f"[80, 443, {server.server_port}]",
-        "FORGE_WEBHOOK_BACKOFF_S": "1",
-    }
-    try:
-        jobs_stack.start_gateway(**allow)
-        jobs_stack.start_worker(**allow)
-        url = f"http://127.0.0.1:{server.server_port}/forge-hook"
+    with callback_receiver(failures=1) as (url, calls, allow):
+        settings = {**allow, "FORGE_WEBHOOK_BACKOFF_S": "1"}
+        jobs_stack.start_gateway(**settings)
+        jobs_stack.start_worker(**settings)
         with api(jobs_stack) as c:
             job_id = submit(
                 c,
@@ -262,9 +270,6 @@ def test_callbacks_are_signed_and_retried(jobs_stack: JobsStack) -> None:
             )
             wait_for(c, job_id, {"succeeded"})
             wait_until("the callback is sent again", lambda: len(calls) >= 2)
-    finally:
-        server.shutdown()
-        server.server_close()
     headers, body = calls[-1]
     payload = Webhook(WEBHOOK_SECRET).verify(body, headers)  # raises if the signature is wrong
     assert payload["id"] == job_id and payload["status"] == "succeeded"

@@ -188,7 +188,7 @@ def one_size_server(
         assert export_main(["config", "--repository", str(copy), *config_args]) == 0
     server = Triton(copy, factory.mktemp(f"{name}-triton")).start()
     try:
-        server.load()  # the warm-up runs at the default size, 128x128
+        server.load_served()  # the warm-ups run at the default size, 128x128
         yield server
     finally:
         server.stop()

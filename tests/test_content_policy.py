@@ -199,10 +199,8 @@ def test_each_key_mode_through_the_gateway(policy_gateway: tuple[GatewayServer, 
         refused(job, "sexual", "p0rn")
         assert "item 1" in job.json()["detail"]
         refused(c.post("/v1/weapons/jobs", json={"weapons": [weapon]}), "sexual", "n.u.d.e")
-        negative = c.post(
-            "/v1/images", json={"prompt": "an axe", "negative_prompt": "$wastika", **SMALL}
-        )
-        refused(negative, "hate_symbols", "$wastika")
+        steered_away = {"prompt": marked("an axe"), "negative_prompt": "nudity, swastika"}
+        assert c.post("/v1/images", json={**steered_away, **SMALL}).status_code == 200
         fine = c.post("/v1/images", json={"prompt": marked("an assassin's dagger"), **SMALL})
         assert fine.status_code == 200 and fine.json()["content_flags"] == []
         assert fine.json()["negative_prompt"].startswith("nsfw, nudity")  # the policy's
@@ -224,14 +222,14 @@ def test_each_key_mode_through_the_gateway(policy_gateway: tuple[GatewayServer, 
     )
 
     lines = audit_lines(gateway)
-    assert len(lines) == 5
+    assert len(lines) == 4
     first = lines[0]
     assert first["route"] == "/v1/images" and first["category"] == "sexual"
     assert first["key_id"] == hashlib.sha256(strict.encode()).hexdigest()[:16]
     assert first["text_sha256"] == hashlib.sha256(prompt.encode()).hexdigest()
     assert gateway.service is not None
     log = gateway.service.log_tail(400)
-    assert "nüde" not in log and "p0rn" not in log and "$wastika" not in log
+    assert "nüde" not in log and "p0rn" not in log
 
 
 def test_an_edited_policy_applies_without_a_restart(

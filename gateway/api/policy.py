@@ -1,4 +1,4 @@
-"""The content policy at the edge: the free text of a request checked in its API key's mode.
+"""The content policy at the edge: what a request asks to draw, checked in its key's mode.
 
 strict refuses text the policy blocks (422, a problem type of its own naming the category,
 never the text), review lets it through with the categories in the result, off does not
@@ -17,7 +17,9 @@ from gateway.problems import policy_problem
 from gateway.schemas import ImageSpec
 from gateway.services import Services
 
-FREE_TEXT = ("prompt", "negative_prompt", "text")  # the fields players type into
+# The fields players type what they want into. Not the negative prompt: it names what an
+# image should not have ("nudity" there asks for less of it), and the policy adds its own.
+FREE_TEXT = ("prompt", "text")
 
 
 def free_text(item: BaseModel) -> list[str]:

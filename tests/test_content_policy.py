@@ -314,3 +314,16 @@ def test_strict_keys_get_no_flagged_image_stored_or_served(
         )
         == 1
     )
+
+
+def test_every_evasion_is_refused_to_a_strict_key_and_every_ordinary_prompt_served(
+    policy_gateway: tuple[GatewayServer, Path],
+) -> None:
+    gateway, _ = policy_gateway
+    strict = key_in_mode(gateway, "strict")
+    with client(gateway, strict) as c:
+        for text, category in EVASIONS:
+            refused(c.post("/v1/images", json={"prompt": text, **SMALL}), category, text)
+        for text in ALLOWED:
+            reply = c.post("/v1/images", json={"prompt": marked(text), **SMALL})
+            assert reply.status_code == 200 and reply.json()["content_flags"] == [], text

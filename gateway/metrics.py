@@ -11,6 +11,8 @@ from gateway.keys import TIERS
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120)
 
+# The outcomes the objectives and alerts read (others, like cancelled, appear when seen).
+GENERATION_OUTCOMES = ("success", "error", "invalid", "unavailable")
 GENERATION_SECONDS = Histogram(
     "forge_generation_seconds",
     "Time to produce an image result (Triton call, encoding, storing), by source and outcome",
@@ -104,11 +106,15 @@ def start_gateway_series() -> None:
         RATE_LIMITED.labels(tier)
     for state in ("queued", "running"):
         JOB_ITEMS_CANCELLED.labels(state)
+    for outcome in GENERATION_OUTCOMES:
+        GENERATION_SECONDS.labels("sync", outcome)
 
 
 def start_worker_series() -> None:
     """Export the worker's labelled counters at 0 from the start, so that a rate or an
     increase sees their first event (a series born at 1 shows no increase)."""
+    for outcome in GENERATION_OUTCOMES:
+        GENERATION_SECONDS.labels("job", outcome)
     for reason in ("malformed", "invalid", "exhausted"):
         DEAD_LETTERS.labels(reason)
     for outcome in ("delivered", "retried", "gave_up"):

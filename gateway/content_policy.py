@@ -90,12 +90,12 @@ def normalise(text: str) -> str:
     return text.translate(LEET)
 
 
-def words(text: str) -> list[str]:
-    """The words of a text: split at whitespace and punctuation, a word spelled out a letter
-    at a time joined back together."""
+def words(chunks: list[str]) -> list[str]:
+    """The words of a normalised text's chunks (its parts between whitespace): split at
+    punctuation, a word spelled out a letter at a time joined back together."""
     found: list[str] = []
     letters: list[str] = []
-    for chunk in normalise(text).split():
+    for chunk in chunks:
         parts = [p for p in BETWEEN_WORDS.split(chunk) if p]
         if len(parts) > 1 and all(len(p) == 1 for p in parts):  # "n.u.d.e" in one chunk
             parts = ["".join(parts)]
@@ -111,14 +111,14 @@ def words(text: str) -> list[str]:
     return found
 
 
-def chunk_words(text: str) -> set[str]:
-    """Each chunk between spaces read as one word with its punctuation dropped ("nu.de")."""
-    return {"".join(BETWEEN_WORDS.split(chunk)) for chunk in normalise(text).split()}
+def chunk_words(chunks: list[str]) -> set[str]:
+    """Each chunk read as one word with its punctuation dropped ("nu.de")."""
+    return {"".join(BETWEEN_WORDS.split(chunk)) for chunk in chunks}
 
 
 def phrase(term: str) -> tuple[str, ...]:
     """A term or phrase of the policy file as the words it matches."""
-    return tuple(words(term))
+    return tuple(words(normalise(term).split()))
 
 
 def occurs(needle: tuple[str, ...], haystack: list[str]) -> list[int]:
@@ -158,7 +158,8 @@ class ContentPolicy:
         """The categories the texts fall in (empty: none), in the file's order."""
         found: list[str] = []
         for text in texts:
-            seen, chunks = words(text), chunk_words(text)
+            parts = normalise(text).split()  # normalised once, read two ways
+            seen, chunks = words(parts), chunk_words(parts)
             allowed = {i + k for a in self.allow for i in occurs(a, seen) for k in range(len(a))}
             for name, terms in self.categories.items():
                 if name not in found and any(

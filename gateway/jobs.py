@@ -40,7 +40,6 @@ from gateway.content_policy import Mode
 from gateway.schemas import ImageResult, ImageSpec, JobItem, JobStatus, Priority, StepProgress
 
 PREFIX = "forge:job:"
-EVENTS_SUFFIX = ":events"
 OUTBOX = "forge:outbox:callbacks"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -170,6 +169,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def events_key(job_id: str) -> str:
+    """The Redis stream of a job's events (beside its hash, expiring with it)."""
+    return f"{PREFIX}{job_id}:events"
+
+
 def new_job_id() -> str:
     """A fresh, unguessable job id."""
     return f"job_{uuid.uuid4().hex}"
@@ -196,7 +200,7 @@ class JobStore:
     def _keys(self, job_id: str) -> list[str]:
         """The keys of SET_ITEM and CANCEL: the job, the active index, the outbox, the
         job's events."""
-        return [PREFIX + job_id, self.active_key, OUTBOX, PREFIX + job_id + EVENTS_SUFFIX]
+        return [PREFIX + job_id, self.active_key, OUTBOX, events_key(job_id)]
 
     async def create(
         self,
@@ -240,7 +244,7 @@ class JobStore:
     ) -> None:
         """Forget a job (one that was never accepted), with whatever `within` adds."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(PREFIX + job_id, PREFIX + job_id + EVENTS_SUFFIX)
+            pipe.delete(PREFIX + job_id, events_key(job_id))
             pipe.zrem(self.active_key, job_id)
             within(pipe)
             await pipe.execute()
@@ -329,7 +333,7 @@ class JobStore:
         written, if the item no longer runs (it was cancelled, or the job is gone)."""
         step = {k: data[k] for k in ("step", "total_steps", "elapsed_ms")}
         written = await self._progress(
-            keys=[PREFIX + job_id, PREFIX + job_id + EVENTS_SUFFIX],
+            keys=[PREFIX + job_id, events_key(job_id)],
             args=[
                 index,
                 json.dumps(step),
@@ -345,9 +349,7 @@ class JobStore:
     ) -> list[tuple[str, str, str]]:
         """The job's events after the event id `after` ("0" for all that are kept), as
         (id, event, data JSON); waiting up to `block_ms` for one if there is none yet."""
-        reply = await self.redis.xread(
-            {PREFIX + job_id + EVENTS_SUFFIX: after}, count=100, block=block_ms
-        )
+        reply = await self.redis.xread({events_key(job_id): after}, count=100, block=block_ms)
         assert not isinstance(reply, dict)  # RESP2's shape: [[stream, entries]]
         found = []
         for _, entries in reply or []:

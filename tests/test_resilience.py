@@ -25,7 +25,6 @@ from redis.asyncio import Redis
 
 from gateway.jobs import OUTBOX, JobMessage, JobStore, Written
 from gateway.jobs import PREFIX as JOB_PREFIX
-from gateway.schemas import ImageSpec
 from gateway.topics import Topics
 from launcher.kafka import KafkaBroker
 from launcher.process import free_port
@@ -33,6 +32,7 @@ from launcher.redis import RedisServer
 from launcher.triton import Triton
 from tests.conftest import WEBHOOK_SECRET, JobsStack
 from tests.polling import wait_until
+from tests.test_job_progress import spec
 from tests.test_jobs import SMALL, api, submit, wait_for, wait_running, worker_metric
 
 
@@ -221,20 +221,9 @@ def test_job_state_is_never_resurrected_nor_overwritten(redis_server: RedisServe
         jobs = JobStore(
             redis, ttl_s=60, topic_prefix="state-test.", events_max=100, events_ttl_s=60
         )
-        spec = ImageSpec(
-            prompt="x",
-            negative_prompt="",
-            seed=1,
-            steps=1,
-            guidance_scale=7.5,
-            width=64,
-            height=64,
-            scheduler="euler",
-            format="png",
-        )
         job_id = f"job_{uuid.uuid4().hex}"
         message = JobMessage(
-            job_id=job_id, index=0, api_key_id="k", spec=spec, submitted_at=0, tier="standard"
+            job_id=job_id, index=0, api_key_id="k", spec=spec("x"), submitted_at=0, tier="standard"
         )
         await jobs.create(job_id, "k", [message], "standard", "https://example.com/hook")
         assert await jobs.set_item(job_id, 0, "running", attempts=1) is Written.WRITTEN

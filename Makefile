@@ -53,7 +53,9 @@ install: $(VENV)/.installed
 $(TINY_MODEL)/model_index.json: $(VENV)/.installed export/tiny.py
 	$(PY) -m export tiny --out $(TINY_MODEL)
 
-$(WEIGHTS): $(TINY_MODEL)/model_index.json
+# Exported again when the export or the weights schema changes (the model reads only what the
+# schema accepts, so weights of an older export would not load).
+$(WEIGHTS): $(TINY_MODEL)/model_index.json $(wildcard export/*.py) model_repository/stable_diffusion/weights.schema.json
 	$(PY) -m export onnx --model $(TINY_MODEL) --repository model_repository
 
 # The configs Triton loads, written again when a committed config changes.

@@ -24,6 +24,8 @@ HIDDEN = "hidden"
 LATENT_CHANNELS = "latent_channels"
 LATENT_HEIGHT = "latent_height"
 LATENT_WIDTH = "latent_width"
+# The VAE posterior's parameters per latent pixel: mean and log-variance of each latent channel.
+LATENT_MOMENTS = "latent_moments"
 IMAGE_HEIGHT = "image_height"
 IMAGE_WIDTH = "image_width"
 # The safety checker's: its CLIP input's size, and how many concepts it compares with.
@@ -59,11 +61,16 @@ def dimension_sizes(
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output: name, numpy dtype name, and shape (ints or dimension names)."""
+    """One input or output: name, numpy dtype name, and shape (ints or dimension names).
+
+    `values`, where set, is the range sample inputs are drawn from uniformly (a timestep, an
+    image in [-1, 1]); otherwise they are standard normal (token ids: below the vocabulary).
+    """
 
     name: str
     dtype: str
     shape: tuple[int | str, ...]
+    values: tuple[float, float] | None = None
 
     def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
         """The concrete shape for these dimension sizes."""
@@ -118,8 +125,8 @@ class ComponentSpec:
             shape = t.resolve(dims)
             if t.dtype == "int64":  # token ids
                 out[t.name] = rng.integers(0, vocab, size=shape, dtype=np.int64)
-            elif t.name == "timestep":
-                out[t.name] = rng.uniform(0, 999, size=shape).astype(t.dtype)
+            elif t.values is not None:
+                out[t.name] = rng.uniform(*t.values, size=shape).astype(t.dtype)
             else:
                 out[t.name] = rng.standard_normal(shape).astype(t.dtype)
         return out
@@ -152,7 +159,7 @@ UNET = ComponentSpec(
     name="unet",
     inputs=(
         TensorSpec("sample", "float32", (BATCH, LATENT_CHANNELS, LATENT_HEIGHT, LATENT_WIDTH)),
-        TensorSpec("timestep", "float32", (BATCH,)),
+        TensorSpec("timestep", "float32", (BATCH,), values=(0, 999)),
         TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, HIDDEN)),
     ),
     outputs=(
@@ -172,7 +179,19 @@ VAE_DECODER = ComponentSpec(
     rows_per_image=(1, 1),
 )
 
-COMPONENTS: tuple[ComponentSpec, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
+# An input image (image to image) to the posterior's moments: diffusers' AutoencoderKL.encode
+# up to its DiagonalGaussianDistribution, whose sampling needs the row's own generator and so
+# happens on the model's side (mean + exp(logvar / 2) * noise, logvar clamped as diffusers does).
+VAE_ENCODER = ComponentSpec(
+    name="vae_encoder",
+    inputs=(TensorSpec("sample", "float32", (BATCH, 3, IMAGE_HEIGHT, IMAGE_WIDTH), (-1, 1)),),
+    outputs=(
+        TensorSpec("moments", "float32", (BATCH, LATENT_MOMENTS, LATENT_HEIGHT, LATENT_WIDTH)),
+    ),
+    rows_per_image=(1, 1),
+)
+
+COMPONENTS: tuple[ComponentSpec, ...] = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 
 # Optional: exported where the model folder has one. Its input is the decoded image as CLIP
 # sees it; its outputs, the cosine similarities of the image's CLIP embedding to each
@@ -227,6 +246,21 @@ class VaeDecoderModule(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class VaeEncoderModule(torch.nn.Module):
+    """The VAE encoder as a network of images in [-1, 1] to the posterior's moments (mean and
+    log-variance, stacked on the channel axis), as AutoencoderKL.encode computes them."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        """The moments for these images."""
+        moments = self.vae.encoder(sample)
+        quant_conv = self.vae.quant_conv  # None where the VAE has use_quant_conv=False
+        return moments if quant_conv is None else quant_conv(moments)
+
+
 class SafetyCheckerModule(torch.nn.Module):
     """diffusers' StableDiffusionSafetyChecker up to its cosine similarities: CLIP's vision
     model, the visual projection and `cosine_distance` to the special-care and the concept
@@ -249,8 +283,8 @@ class SafetyCheckerModule(torch.nn.Module):
 
 
 def components_of(pipe: Any) -> tuple[ComponentSpec, ...]:
-    """The components a diffusers Stable Diffusion pipeline exports: the three networks, and
-    the safety checker where it has one."""
+    """The components a diffusers Stable Diffusion pipeline exports: the text encoder, the
+    UNet and the VAE's decoder and encoder, and the safety checker where it has one."""
     return COMPONENTS if pipe.safety_checker is None else (*COMPONENTS, SAFETY_CHECKER)
 
 
@@ -260,6 +294,7 @@ def torch_modules(pipe: Any) -> dict[str, torch.nn.Module]:
         TEXT_ENCODER.name: TextEncoderModule(pipe.text_encoder).eval(),
         UNET.name: UNetModule(pipe.unet).eval(),
         VAE_DECODER.name: VaeDecoderModule(pipe.vae).eval(),
+        VAE_ENCODER.name: VaeEncoderModule(pipe.vae).eval(),
     }
     if pipe.safety_checker is not None:
         modules[SAFETY_CHECKER.name] = SafetyCheckerModule(pipe.safety_checker).eval()

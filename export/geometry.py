@@ -17,6 +17,7 @@ from export.components import (
     IMAGE_WIDTH,
     LATENT_CHANNELS,
     LATENT_HEIGHT,
+    LATENT_MOMENTS,
     LATENT_WIDTH,
     ROWS,
     SEQUENCE,
@@ -116,6 +117,7 @@ class ModelGeometry:
             LATENT_CHANNELS: self.latent_channels,
             LATENT_HEIGHT: derived(HEIGHT, self.vae_scale_factor),
             LATENT_WIDTH: derived(WIDTH, self.vae_scale_factor),
+            LATENT_MOMENTS: 2 * self.latent_channels,  # a mean and a log-variance per channel
             IMAGE_HEIGHT: derived(HEIGHT),
             IMAGE_WIDTH: derived(WIDTH),
         }

@@ -1,6 +1,6 @@
 """`python -m export tensorrt`: fp16 TensorRT engines from the published ONNX files.
 
-For each component (text encoder, UNet, VAE decoder) this builds a plan from
+For each component (text encoder, UNet, VAE decoder and encoder) this builds a plan from
 `weights/<component>.onnx` into the weights' engines folder and records it in the engine
 manifest; the file names and the manifest's shape come from the model's
 `weights.schema.json`, which the manifest is validated against before it is written (the

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import metrics, problems
-from gateway.api import assets, health, images, jobs, keys, page
+from gateway.api import assets, health, images, jobs, keys, page, uploads
 from gateway.bodies import RequestBodies, document
 from gateway.contract import UnknownContract
 from gateway.keys import KeysFileError, dev_key
@@ -27,20 +27,22 @@ log = logging.getLogger(__name__)
 
 
 class BodyLimit:
-    """413 for a request body over the limit, declared or streamed (pure ASGI middleware)."""
+    """413 for a request body over the limit, declared or streamed (pure ASGI middleware).
+    A multipart body (an input image with its request) may be `upload_bytes` larger."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int) -> None:
+        self.app, self.max_bytes, self.upload_bytes = app, max_bytes, upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse a declared or streamed body over the limit; pass everything else on."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = Problem(
-            413, "Content Too Large", f"the request body is over {self.max_bytes} bytes"
-        )
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        headers = dict(scope["headers"])
+        multipart = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+        limit = self.max_bytes + (self.upload_bytes if multipart else 0)
+        too_large = Problem(413, "Content Too Large", f"the request body is over {limit} bytes")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return await too_large.response(scope["path"])(scope, receive, send)
         seen = 0
 
@@ -49,7 +51,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise too_large
             return message
 
@@ -144,11 +146,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app, settings.retry_after_s)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, upload_bytes=settings.upload_max_bytes
+    )
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=False
     )
-    for router in (images.router, jobs.router, assets.router, keys.router, health.router):
+    routers = (images.router, uploads.router, jobs.router, assets.router, keys.router)
+    for router in (*routers, health.router):
         app.include_router(router)
     app.include_router(page.router)  # the forge page at / (not in the OpenAPI document)
     app.openapi = contract_openapi(app)  # type: ignore[method-assign]

@@ -28,7 +28,7 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-KEY = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<ext>png|webp)$")
+KEY = re.compile(r"^([0-9a-f]{64})\.(png|webp)$")  # no named groups: OpenAPI states it
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}
 
 
@@ -50,7 +50,7 @@ def parse_key(key: str) -> tuple[str, str]:
     match = KEY.match(key)
     if match is None:
         raise InvalidKey(f"{key!r} is not an asset key")
-    return match["sha"], match["ext"]
+    return match[1], match[2]
 
 
 class AssetStore(Protocol):

@@ -14,14 +14,32 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import Field, ValidationError, create_model, field_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from gateway.assets import KEY
 from gateway.callback_urls import CallbackRules
 from gateway.contract import ContractBook, GenerationContract
 from gateway.schemas import Format, ImageSpec, JobOptions, JsonInt, Strict, bounded_int
 from gateway.weapons import WeaponTemplates
 
-OPTIONS = ("seed", "steps", "guidance_scale", "width", "height", "scheduler", "format")
+OPTIONS = (
+    "seed",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "scheduler",
+    "format",
+    "init_image",
+    "strength",
+)
 
 
 def _size(contract: GenerationContract, axis: str) -> Any:
@@ -66,7 +84,42 @@ def _options(contract: GenerationContract) -> dict[str, Any]:
         "height": (JsonInt, _size(contract, "height")),
         "scheduler": (schedulers, Field(contract.default_scheduler)),
         "format": (Format, Field("png")),
+        "init_image": (
+            str | None,
+            Field(
+                None,
+                pattern=KEY.pattern,
+                description="image-to-image: the key of an image to start from (from POST "
+                "/v1/uploads, or any image the forge made: refine it). Without width and "
+                "height the result keeps its aspect ratio; it is fitted to the size given",
+            ),
+        ),
+        "strength": (
+            float | None,
+            Field(
+                None,
+                ge=contract.min_strength,
+                le=contract.max_strength,
+                allow_inf_nan=False,
+                description="with init_image: how far to move from it (0 keeps it, 1 ignores "
+                f"it); default {contract.default_strength:g}. Runs steps x strength steps",
+            ),
+        ),
     }
+
+
+class ImageOptions(Strict):
+    """The base of the contract's ImageRequest and WeaponRequest: a strength goes with an
+    init_image (the schema says so too, as dependentRequired)."""
+
+    model_config = ConfigDict(json_schema_extra={"dependentRequired": {"strength": ["init_image"]}})
+
+    @model_validator(mode="after")
+    def _strength_needs_an_image(self) -> ImageOptions:
+        given = {name: getattr(self, name, None) for name in ("strength", "init_image")}
+        if given["strength"] is not None and given["init_image"] is None:
+            raise ValueError("strength applies to an init_image; send one or leave strength out")
+        return self
 
 
 def _words(contract: GenerationContract) -> dict[str, Any]:
@@ -158,9 +211,17 @@ class RequestBodies:
         """Every body for this contract; job bodies hold 1..max_job_items images."""
         options = _options(contract)
         job_base = job_options(callbacks)
-        image = create_model("ImageRequest", __base__=Strict, **_words(contract), **options)
+        image = create_model(
+            "ImageRequest",
+            __base__=ImageOptions,
+            **_words(contract),
+            **options,
+        )
         weapon = create_model(
-            "WeaponRequest", __base__=Strict, **templates.fields_schema(), **options
+            "WeaponRequest",
+            __base__=ImageOptions,
+            **templates.fields_schema(),
+            **options,
         )
         image_job = create_model(
             "ImageJobRequest",
@@ -189,7 +250,16 @@ class RequestBodies:
 
     def image_spec(self, body: Strict) -> ImageSpec:
         """The resolved image of an ImageRequest body (or a job's entry)."""
-        return ImageSpec(**body.model_dump(include={"prompt", "negative_prompt", *OPTIONS}))
+        return ImageSpec(
+            **body.model_dump(include={"prompt", "negative_prompt"}), **self._options(body)
+        )
+
+    def _options(self, body: Strict) -> dict[str, Any]:
+        """A body's options with the contract's defaults; an init_image's strength too."""
+        options = body.model_dump(include=set(OPTIONS))
+        if options["init_image"] is not None and options["strength"] is None:
+            options["strength"] = self.contract.default_strength
+        return options
 
     def parse(self, name: str, data: Any) -> Any:
         """`data` validated as the body class `name` (e.g. "ImageRequest"); a 422 if not.
@@ -222,9 +292,7 @@ class RequestBodies:
     def weapon_spec(self, body: Strict) -> ImageSpec:
         """The resolved image of a WeaponRequest body: the templates write the words."""
         prompt, negative = self.templates.render(body)
-        return ImageSpec(
-            prompt=prompt, negative_prompt=negative, **body.model_dump(include=set(OPTIONS))
-        )
+        return ImageSpec(prompt=prompt, negative_prompt=negative, **self._options(body))
 
 
 class CurrentBodies:
@@ -252,11 +320,29 @@ class CurrentBodies:
 
 
 CONTRACT_BODY = "x-contract-body"  # operation marker: its body is this contract-shaped class
+UPLOADS = "x-contract-uploads"  # operation marker: the body may come as multipart with an image
 
 
-def contract_body(name: str) -> dict[str, Any]:
-    """`openapi_extra` of a route whose body is the contract-shaped class `name`."""
-    return {CONTRACT_BODY: name}
+def contract_body(name: str, *, uploads: bool = False) -> dict[str, Any]:
+    """`openapi_extra` of a route whose body is the contract-shaped class `name`; with
+    `uploads`, also as multipart: the body as the part `request`, an input image as `image`."""
+    return {CONTRACT_BODY: name, UPLOADS: uploads}
+
+
+def multipart(body: dict[str, Any]) -> dict[str, Any]:
+    """The multipart/form-data content of an operation whose JSON body is `body`: the body
+    as the JSON part `request` (without init_image: the part `image` is the input image)."""
+    return {
+        "schema": {
+            "type": "object",
+            "required": ["request", "image"],
+            "properties": {
+                "request": body,
+                "image": {"type": "string", "format": "binary", "description": "PNG, JPEG, WebP"},
+            },
+        },
+        "encoding": {"request": {"contentType": "application/json"}},
+    }
 
 
 def document(openapi: dict[str, Any], bodies: RequestBodies | None) -> None:
@@ -268,6 +354,7 @@ def document(openapi: dict[str, Any], bodies: RequestBodies | None) -> None:
     for operations in openapi.get("paths", {}).values():
         for operation in operations.values():
             name = operation.pop(CONTRACT_BODY, None)
+            uploads = operation.pop(UPLOADS, False)
             if name is None:
                 continue
             schema: dict[str, Any] = {"type": "object"}
@@ -278,7 +365,7 @@ def document(openapi: dict[str, Any], bodies: RequestBodies | None) -> None:
                 )
                 schemas.update(found.pop("$defs", {}))
                 schemas[name] = found
-            operation["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": schema}},
-            }
+            content = {"application/json": {"schema": schema}}
+            if uploads:
+                content["multipart/form-data"] = multipart(schema)
+            operation["requestBody"] = {"required": True, "content": content}

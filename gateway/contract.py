@@ -57,6 +57,9 @@ class GenerationContract(BaseModel):
     max_prompt_tokens: int
     prompt_overflow: Literal["reject", "truncate"]
     max_seed: int
+    min_strength: float
+    max_strength: float
+    default_strength: float
     max_rows: int
 
     @classmethod

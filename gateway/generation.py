@@ -21,7 +21,15 @@ from gateway import metrics
 from gateway.assets import AssetStore
 from gateway.cache import ResultCache
 from gateway.contract import ContractBook
-from gateway.schemas import ImageResult, ImageSpec, ModelInfo, Timings
+from gateway.input_images import (
+    InputImageError,
+    Limits,
+    header_size,
+    normalized_png,
+    pixels,
+    target_size,
+)
+from gateway.schemas import ImageResult, ImageSpec, ModelInfo, Timings, Upload
 from gateway.triton_client import AsyncTriton, ImageParams, ModelError, Progress
 
 PNG_LEVEL = 1
@@ -66,14 +74,10 @@ def progress_event(progress: Progress) -> tuple[str, dict[str, Any]]:
     return "preview", data | {"width": width, "height": height, "image": image}
 
 
-def triton_params(spec: ImageSpec) -> ImageParams:
-    """The model's inputs for a resolved request: every value explicit but a missing seed."""
-    return ImageParams(**spec.model_dump(exclude={"format"}))
-
-
 def cache_params(spec: ImageSpec, seed: int) -> dict[str, Any]:
-    """What identifies an image for the cache, besides the model version."""
-    return spec.model_dump(exclude={"seed"}) | {"seed": seed}
+    """What identifies an image for the cache, besides the model version (an input image by
+    its key, the hash of its bytes; text-only requests keep the keys they always had)."""
+    return spec.model_dump(exclude={"seed"}, exclude_none=True) | {"seed": seed}
 
 
 class Generator:
@@ -86,13 +90,61 @@ class Generator:
         assets: AssetStore,
         cache: ResultCache,
         public_base_url: str,
+        limits: Limits,
     ) -> None:
         self.triton, self.contract, self.assets, self.cache = triton, contract, assets, cache
         self.public_base_url = public_base_url.rstrip("/")
+        self.limits = limits
 
     def asset_url(self, key: str) -> str:
         """The public URL of an asset (relative, or under the CDN's base URL)."""
         return f"{self.public_base_url}/assets/{key}"
+
+    async def upload(self, data: bytes) -> Upload:
+        """Store an input image for image-to-image, checked and fitted to the size the
+        contract's rule gives it (`gateway.input_images`); InputImageError if refused."""
+        contract = self.contract.current
+        png, (width, height) = await asyncio.to_thread(normalized_png, data, contract, self.limits)
+        key = await self.assets.put(png, "png")
+        return Upload(id=key, asset_url=self.asset_url(key), width=width, height=height)
+
+    async def init_image(self, key: str) -> bytes:
+        """The stored bytes of an input image, or InputImageError (422) naming the key."""
+        data = await self.assets.get(key)
+        if data is None:
+            raise InputImageError(
+                422,
+                "Unknown input image",
+                f"no image {key} is stored: upload it (POST /v1/uploads) or name an image "
+                "the forge made",
+            )
+        return data
+
+    async def sized(self, spec: ImageSpec, given: set[str]) -> ImageSpec:
+        """`spec` with the width and height of an image made from its init_image: those of
+        the request (`given`: the fields the client set) where given, the rest from the
+        input image (`gateway.input_images.target_size`); InputImageError if none is stored
+        under the key."""
+        if spec.init_image is None:
+            return spec
+        source = header_size(await self.init_image(spec.init_image))
+        width, height = target_size(
+            source,
+            spec.width if "width" in given else None,
+            spec.height if "height" in given else None,
+            self.contract.current,
+        )
+        return spec.model_copy(update={"width": width, "height": height})
+
+    async def triton_params(self, spec: ImageSpec) -> ImageParams:
+        """The model's inputs for a resolved request: every value explicit but a missing
+        seed; an input image as its pixels, fitted to the request's size."""
+        params = spec.model_dump(exclude={"format", "init_image"})
+        if spec.init_image is None:
+            return ImageParams(**params)
+        data = await self.init_image(spec.init_image)
+        size = (spec.width, spec.height)
+        return ImageParams(**params, image=await asyncio.to_thread(pixels, data, size, self.limits))
 
     def model(self) -> ModelInfo:
         """The model in force (UnknownContract if it was never seen)."""
@@ -145,12 +197,15 @@ class Generator:
         try:
             model = self.model()
             try:
+                params = await self.triton_params(spec)
+            except InputImageError:
+                outcome = "invalid"
+                raise
+            try:
                 if preview_every is None:
-                    (image,) = await self.triton.generate([triton_params(spec)])
+                    (image,) = await self.triton.generate([params])
                 else:
-                    async with aclosing(
-                        self.triton.stream(triton_params(spec), preview_every)
-                    ) as stream:
+                    async with aclosing(self.triton.stream(params, preview_every)) as stream:
                         async for event in stream:
                             if isinstance(event, Progress):
                                 yield event
@@ -182,6 +237,8 @@ class Generator:
                 negative_prompt=spec.negative_prompt,
                 cached=False,
                 safety_flagged=image.flagged,
+                init_image=spec.init_image,
+                strength=spec.strength,
                 timings=Timings(
                     generation_ms=(generated - start) * 1000,
                     total_ms=(time.perf_counter() - start) * 1000,

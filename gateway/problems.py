@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.assets import StoreUnavailable
 from gateway.contract import UnknownContract
 from gateway.generation import UNSAFE_IMAGE, ImageFlagged
+from gateway.input_images import InputImageError
 from gateway.queue import QueueUnavailable
 from gateway.triton_client import (
     ModelCancelled,
@@ -102,6 +103,7 @@ def from_model(exc: ModelError, retry_after_s: int) -> Problem:
 MAPPED = (
     Problem,
     ImageFlagged,
+    InputImageError,
     ModelError,
     UnknownContract,
     StoreUnavailable,
@@ -117,6 +119,8 @@ def as_problem(exc: Exception, instance: str, retry_after_s: int) -> Problem:
         return exc
     if isinstance(exc, ImageFlagged):
         return policy_problem([UNSAFE_IMAGE])
+    if isinstance(exc, InputImageError):
+        return Problem(exc.status, exc.title, exc.detail)
     if isinstance(exc, ModelError):
         return from_model(exc, retry_after_s)
     if isinstance(exc, UnknownContract):

@@ -2,7 +2,8 @@
 
 One unit of cost is one guided denoising step at 512x512 (two UNet passes); an unguided
 step (guidance_scale at or below the contract's `unguided_at_most`: one pass) is half a unit.
-A request costs steps x passes x pixels / (2 x 512^2), rounded up, at least 1. The
+A request costs steps x passes x pixels / (2 x 512^2), rounded up, at least 1 (for
+image-to-image, the steps it runs: int(steps x strength)); an input image's upload, 1. The
 sliding-window counter runs as one Lua script in Redis, so N parallel requests against a
 limit of K units let exactly K units through. If Redis is unreachable, generation fails
 closed: 503 with Retry-After, never unlimited.
@@ -34,7 +35,16 @@ log = logging.getLogger(__name__)
 def cost(spec: ImageSpec, contract: GenerationContract) -> int:
     """The units one image costs: its UNet passes and pixels, as the module docstring says."""
     passes = 1 if spec.guidance_scale <= contract.unguided_at_most else 2
-    return max(1, math.ceil(spec.steps * passes * spec.width * spec.height / (2 * UNIT_PIXELS)))
+    pixels = spec.width * spec.height
+    return max(1, math.ceil(denoising_steps(spec) * passes * pixels / (2 * UNIT_PIXELS)))
+
+
+def denoising_steps(spec: ImageSpec) -> int:
+    """The steps the model runs: image-to-image starts part of the way, as diffusers does,
+    and runs int(steps x strength) of them."""
+    if spec.strength is None:
+        return spec.steps
+    return max(1, min(int(spec.steps * spec.strength), spec.steps))
 
 
 @dataclass(frozen=True)

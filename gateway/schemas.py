@@ -42,6 +42,9 @@ class ImageSpec(BaseModel):
     What the sync API and the job workers hand to Triton, what the cache keys on and what a
     job message carries. `seed` None lets the model draw one (sync requests only: a job's
     seed is drawn at submission so that a redelivered item makes the same image).
+    `init_image`, for image-to-image, is the key of the stored image to start from (its
+    content hash, so the cache and idempotency keys hold the image's hash), fitted to width x
+    height; `strength` is set with it and only with it.
     """
 
     prompt: str
@@ -53,6 +56,8 @@ class ImageSpec(BaseModel):
     height: int
     scheduler: str
     format: Format
+    init_image: str | None = None
+    strength: float | None = None
 
 
 class ModelInfo(BaseModel):
@@ -93,6 +98,20 @@ class ImageResult(BaseModel):
         description="the content policy's categories the request's text fell in (API keys in "
         "review mode; strict keys are refused instead)",
     )
+    init_image: str | None = Field(
+        None, description="image-to-image: the key of the asset the image started from"
+    )
+    strength: float | None = Field(None, description="image-to-image: how far it moved from it")
+
+
+class Upload(BaseModel):
+    """An input image stored for image-to-image: its key (`init_image` of a request) and the
+    size it was fitted to."""
+
+    id: str = Field(description="the content key: pass it as `init_image`")
+    asset_url: str
+    width: int
+    height: int
 
 
 class ProblemDetails(BaseModel):

@@ -21,6 +21,7 @@ from gateway.content_policy import PolicyFile
 from gateway.contract import ContractBook
 from gateway.generation import Generator
 from gateway.idempotency import Idempotency
+from gateway.input_images import Limits
 from gateway.jobs import JobStore
 from gateway.keys import KeyStore
 from gateway.queue import JobQueue
@@ -111,6 +112,7 @@ def open_services(settings: Settings) -> Services:
             asset_store(settings),
             ResultCache(cache_redis, settings.cache_ttl_s),
             settings.public_base_url,
+            Limits(settings.upload_max_bytes, settings.upload_max_pixels),
         ),
         weapons=weapons,
         policy=PolicyFile(settings.content_policy),

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     retry_after_s: int = 5
     # Above the largest valid body (a job of max_job_items entries with the longest prompts).
     max_body_bytes: int = 1_048_576
+    # Input images (uploads and multipart requests): the most bytes, and the most pixels
+    # (width x height, read from the header and refused before anything is decoded).
+    upload_max_bytes: int = Field(10_485_760, ge=1024)
+    upload_max_pixels: int = Field(16_777_216, ge=4096)
     # How often the model's generation contract is read again from Triton.
     contract_refresh_s: float = 10.0
     dependency_check_s: float = 10.0  # how often forge_dependency_up is refreshed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -42,6 +42,8 @@ INPUT_TYPES: dict[str, tuple[str, Any]] = {
     "width": ("INT32", np.int32),
     "height": ("INT32", np.int32),
     "scheduler": ("BYTES", np.object_),
+    "strength": ("FP32", np.float32),
+    "image": ("UINT8", np.uint8),  # image-to-image: a row's input image, height x width x 3
 }
 T = TypeVar("T")
 
@@ -116,10 +118,13 @@ class ImageParams:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    strength: float | None = None
+    image: np.ndarray | None = field(default=None, compare=False)
 
 
 def input_arrays(rows: list[ImageParams]) -> dict[str, np.ndarray]:
-    """[rows, 1] arrays for every input the rows set (all rows must set the same ones)."""
+    """[rows, 1] arrays for every input the rows set, [rows, height, width, 3] for their
+    input images (all rows must set the same inputs, and images of one size)."""
     arrays: dict[str, np.ndarray] = {}
     for name, (_, dtype) in INPUT_TYPES.items():
         values = [getattr(r, name) for r in rows]
@@ -127,6 +132,9 @@ def input_arrays(rows: list[ImageParams]) -> dict[str, np.ndarray]:
             continue
         if any(v is None for v in values):
             raise ValueError(f"{name} is set for some rows and not others")
+        if name == "image":
+            arrays[name] = np.stack(values).astype(dtype, copy=False)
+            continue
         if dtype is np.object_:
             values = [v.encode("utf-8") for v in values]
         arrays[name] = np.array(values, dtype=dtype).reshape(len(rows), 1)

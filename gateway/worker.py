@@ -47,6 +47,7 @@ from gateway.callbacks import Outbox
 from gateway.content_policy import audit_refusal
 from gateway.contract import UnknownContract
 from gateway.generation import UNSAFE_IMAGE, ImageFlagged, progress_event
+from gateway.input_images import InputImageError
 from gateway.jobs import TERMINAL, JobMessage, Written
 from gateway.queue import QueueUnavailable
 from gateway.schemas import ImageResult
@@ -338,6 +339,9 @@ class Worker:
             result = await self.make(message)
         except ModelRejected as exc:
             await self.fail(record, message, "invalid", exc.message)
+            return
+        except InputImageError as exc:  # its input image is gone: retrying cannot help
+            await self.fail(record, message, "invalid", exc.detail)
             return
         except ImageFlagged:  # the same seed makes the same image: not retried
             texts = [message.spec.prompt, message.spec.negative_prompt]

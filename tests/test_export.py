@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from export.__main__ import main as export_main
-from export.components import COMPONENTS, SAFETY_CHECKER
+from export.components import COMPONENTS, SAFETY_CHECKER, VAE_ENCODER
 from export.errors import ExportError
 from export.onnx_export import export_onnx
 from export.tiny import write_tiny
@@ -49,6 +49,10 @@ def test_export_writes_checked_onnx_and_a_manifest_under_tolerance(weights: Path
     assert manifest["model"]["name"] == "forge-tiny-sd"
     assert len(manifest["model"]["version"]) == 12
     assert manifest["safety_checker"]["component"] == SAFETY_CHECKER.as_manifest()
+    # The VAE encoder (image to image): images to the posterior's moments, 2 x 4 channels.
+    assert manifest["components"]["vae_encoder"] == VAE_ENCODER.as_manifest()
+    assert manifest["dimensions"]["latent_moments"] == 2 * manifest["dimensions"]["latent_channels"]
+    assert set(manifest["parity"]) == {spec.name for spec in (*COMPONENTS, SAFETY_CHECKER)}
     for spec in (*COMPONENTS, SAFETY_CHECKER):
         onnx_file = weights / spec.filename
         onnx.checker.check_model(str(onnx_file), full_check=True)

@@ -112,6 +112,7 @@ def test_output_shapes_for_io_binding_follow_the_manifest(weights: Path) -> None
     unet_in = [(4, 4, 18, 16), (4,), (4, 77, hidden)]
     assert output_shape(manifest, "unet", unet_in) == (4, 4, 18, 16)
     assert output_shape(manifest, "vae_decoder", [(2, 4, 18, 16)]) == (2, 3, 144, 128)
+    assert output_shape(manifest, "vae_encoder", [(2, 3, 144, 128)]) == (2, 8, 18, 16)
 
 
 def _has_cuda_onnxruntime() -> bool:

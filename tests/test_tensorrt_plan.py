@@ -23,7 +23,7 @@ from sd_weights import WeightsError, input_shapes, load_engine_manifest
 
 from export import tensorrt_build
 from export.__main__ import main as export_main
-from export.components import TEXT_ENCODER, UNET, VAE_DECODER
+from export.components import COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from export.errors import ExportError
 from export.geometry import ModelGeometry
 from export.tensorrt_build import (
@@ -54,7 +54,6 @@ T4 = GpuIdentity((7, 5), "10.5.0.18", "Tesla T4")
 A10G = GpuIdentity((8, 6), "10.5.0.18", "NVIDIA A10G")
 SCHEMA = WeightsSchema.of_model(MODEL_SOURCE)
 FORMAT = SCHEMA.format_of(ENGINES)
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
 
 
 def sd15_plan(**overrides: Any) -> ProfilePlan:
@@ -103,6 +102,8 @@ def test_a_dynamic_profile_spans_batch_1_to_max_and_the_configured_sizes() -> No
     assert text["input_ids"] == ((1, 77), (8, 77), (16, 77))  # prompts + negative prompts
     (vae,) = profiles(VAE_DECODER, DIMS, plan)
     assert vae["latent_sample"] == ((1, 4, 8, 8), (4, 4, 64, 64), (8, 4, 128, 128))
+    (encoder,) = profiles(VAE_ENCODER, DIMS, plan)  # one input image per image
+    assert encoder["sample"] == ((1, 3, 64, 64), (4, 3, 512, 512), (8, 3, 1024, 1024))
 
 
 def test_fixed_sizes_give_one_profile_each() -> None:
@@ -135,6 +136,7 @@ def test_the_engine_manifest_keeps_other_gpus_drops_other_weights_and_validates(
         "text_encoder.sm75-trt10.5.0.18.plan",
         "unet.sm75-trt10.5.0.18.plan",
         "vae_decoder.sm75-trt10.5.0.18.plan",
+        "vae_encoder.sm75-trt10.5.0.18.plan",
     ]
     assert {e["precision"] for e in t4["engines"]} == {"fp16"}
     assert t4["engines"][1]["profiles"][0]["sample"] == {
@@ -144,7 +146,7 @@ def test_the_engine_manifest_keeps_other_gpus_drops_other_weights_and_validates(
     }
     a10g = entry(UNET, A10G, plan)
     both = merge_engine_manifest(t4, t4["model"], [a10g], format_version=FORMAT)
-    assert [e["gpu"]["compute_capability"] for e in both["engines"]] == [[7, 5]] * 3 + [[8, 6]]
+    assert [e["gpu"]["compute_capability"] for e in both["engines"]] == [[7, 5]] * 4 + [[8, 6]]
     SCHEMA.check(ENGINES, both, Path("engines.json"))
     rebuilt = merge_engine_manifest(
         both, {"name": "sd15", "version": "new"}, [a10g], format_version=FORMAT
@@ -165,7 +167,7 @@ def test_the_model_picks_the_engines_built_for_its_gpu() -> None:
         manifest, weights_manifest(), A10G.as_manifest(), max_batch_size=8, sizes=[(512, 512)]
     )
     assert {tuple(e["gpu"]["compute_capability"]) for e in chosen.values()} == {(8, 6)}
-    assert set(chosen) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(chosen) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
 
 
 def test_the_model_refuses_another_gpu_or_tensorrt_version_naming_both() -> None:
@@ -262,6 +264,7 @@ def test_a_build_writes_plans_and_an_engine_manifest_the_model_reads(
         "text_encoder.sm75-trt10.5.0.18.plan",
         "unet.sm75-trt10.5.0.18.plan",
         "vae_decoder.sm75-trt10.5.0.18.plan",
+        "vae_encoder.sm75-trt10.5.0.18.plan",
     ]
     assert (engines / "unet.sm75-trt10.5.0.18.plan").read_bytes() == b"unet.onnx"
     assert load_engine_manifest(weights) == written  # validated on both sides

@@ -7,6 +7,7 @@ artifacts under `$FORGE_TEST_ARTIFACTS/web` (default `var/test-artifacts/web`).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from PIL import Image
 
 from gateway.settings import Settings
 from gateway.weapons import WeaponTemplates
@@ -547,6 +549,168 @@ def test_an_invalid_field_is_shown_beside_it(stack: JobsStack, page: Page) -> No
     shot(page, "06-invalid-field")
     steps.fill("4")
     expect(error).to_be_empty()
+
+
+def drop_file(
+    page: Page, name: str, mime: str, *, png_size: tuple[int, int] | None = None, text: str = ""
+) -> None:
+    """Drop a file made in the page onto the builder's drop zone, as a drag from the desktop
+    does: a DataTransfer holding it, on dragover and drop events. With `png_size`, a PNG
+    drawn on a canvas of that size (a blade on a dark ground); else a file of `text`."""
+    transfer = page.evaluate_handle(
+        """async ([name, mime, size, text]) => {
+            let blob = new Blob([text], { type: mime });
+            if (size) {
+              const canvas = document.createElement("canvas");
+              [canvas.width, canvas.height] = size;
+              const g = canvas.getContext("2d");
+              g.fillStyle = "#1b2433";
+              g.fillRect(0, 0, size[0], size[1]);
+              g.fillStyle = "#d8dde6";
+              g.fillRect(size[0] * 0.1, size[1] * 0.45, size[0] * 0.7, size[1] * 0.1);
+              g.fillStyle = "#8a5a2b";
+              g.fillRect(size[0] * 0.8, size[1] * 0.35, size[0] * 0.05, size[1] * 0.3);
+              blob = await new Promise((done) => canvas.toBlob(done, "image/png"));
+            }
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([blob], name, { type: mime }));
+            return transfer;
+        }""",
+        [name, mime, list(png_size) if png_size else None, text],
+    )
+    zone = page.locator("#drop-zone")
+    for event in ("dragenter", "dragover", "drop"):
+        zone.dispatch_event(event, {"dataTransfer": transfer})
+    transfer.dispose()
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 90, 60)).save(out, "PNG")
+    return out.getvalue()
+
+
+def strength_schema(url: str) -> dict[str, Any]:
+    """The WeaponRequest's `strength` as the OpenAPI document states it: the number's bounds
+    and the description that gives the model's default."""
+    prop = httpx.get(f"{url}/openapi.json").json()["components"]["schemas"]["WeaponRequest"][
+        "properties"
+    ]["strength"]
+    number = next(s for s in [prop, *prop.get("anyOf", [])] if s.get("type") == "number")
+    default = re.search(r"default (\d+(?:\.\d+)?)", prop["description"])
+    assert default, prop
+    return {"min": number["minimum"], "max": number["maximum"], "default": float(default[1])}
+
+
+def test_a_dropped_sketch_is_forged_from_and_a_result_refined(stack: JobsStack, page: Page) -> None:
+    """Image-to-image: a sketch dropped on the builder is uploaded and shown as stored (fitted
+    to an allowed size); the forge starts from it at the slider's strength, keeping its
+    aspect ratio (no size sent); Refine makes that result the next forge's input image."""
+    url = gateway_url(stack)
+    requests: list[Request] = []
+    page.on("request", lambda r: requests.append(r))
+    open_forge(page, url)
+    choose(page, weapon_type="sword", material="crystal", steps="8")  # size: the sketch's
+    strength = page.get_by_label("Strength", exact=True)
+    expect(strength).to_be_disabled()  # no input image yet
+    schema = strength_schema(url)
+    expect(strength).to_have_attribute("min", f"{schema['min']:g}")
+    expect(strength).to_have_attribute("max", f"{schema['max']:g}")
+    expect(strength).to_have_value(f"{schema['default']:g}")
+    expect(page.locator("#strength-value")).to_have_text(f"{schema['default']:.2f}")
+
+    # A wide sketch, dropped: stored fitted to the model's area, in its aspect ratio.
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/uploads") as uploaded:
+        drop_file(page, "blade.png", "image/png", png_size=(320, 160))
+    assert uploaded.value.status == 201, uploaded.value.text()
+    upload = uploaded.value.json()
+    assert upload["width"] > upload["height"], upload
+    thumb = page.locator("#sketch-thumb")
+    expect(thumb).to_be_visible()
+    expect(thumb).to_have_attribute("src", upload["asset_url"])
+    expect(thumb).to_have_js_property("complete", True)
+    assert thumb.evaluate("i => i.naturalWidth") == upload["width"]
+    expect(page.locator("#sketch-info")).to_have_text(
+        f"your sketch, {upload['width']} × {upload['height']}"
+    )
+    expect(page.locator("#f-size option").first).to_have_text("Input image's shape")
+    expect(strength).to_be_enabled()
+    strength.focus()
+    for _ in range(round((schema["default"] - 0.6) * 100)):  # one hundredth a key press
+        strength.press("ArrowLeft")
+    expect(strength).to_have_value("0.6")
+    expect(page.locator("#strength-value")).to_have_text("0.60")
+    shot(page, "11-sketch-set")
+
+    page.get_by_role("button", name="Forge", exact=True).click()
+    expect(cards(page)).to_have_count(1, timeout=60_000)
+    (sent,) = posts(requests, "/v1/weapons")
+    assert sent["init_image"] == upload["id"] and sent["strength"] == 0.6
+    assert "width" not in sent and "height" not in sent  # the server keeps the sketch's shape
+    # The result, as the API gave it: made from the upload at that strength, in its size.
+    first = card_info(page)
+    card = cards(page).nth(0)
+    expect(card).to_have_attribute("data-init-image", upload["id"])
+    assert first["natural_width"] == upload["width"]
+    expect(card.locator(".meta")).to_contain_text("Froma sketch")
+    expect(card.locator(".meta")).to_contain_text("Strength0.6")
+    shot(page, "12-forged-from-sketch")
+
+    # Refine: this image is the next forge's input image; the same strength goes along.
+    card.get_by_role("button", name=re.compile("^Refine image 1")).click()
+    expect(thumb).to_have_attribute("src", first["src"])
+    expect(page.locator("#sketch-info")).to_contain_text("image 1,")
+    expect(strength).to_be_focused()
+    choose(page, text="more ornate")
+    page.get_by_role("button", name="Forge", exact=True).click()
+    expect(cards(page)).to_have_count(2, timeout=60_000)
+    refined = posts(requests, "/v1/weapons")[-1]
+    assert refined["init_image"] == first["id"] and refined["strength"] == 0.6
+    assert refined["text"] == "more ornate"
+    expect(cards(page).nth(0)).to_have_attribute("data-init-image", first["id"])
+    expect(cards(page).nth(0).locator(".meta")).to_contain_text("Fromimage 1")
+    assert card_info(page)["id"] != first["id"]
+
+
+def test_a_refused_file_says_why_and_a_sketch_can_be_removed(stack: JobsStack, page: Page) -> None:
+    """The file picker (a keyboard's way in) takes a PNG; Remove takes it away. A file that is
+    not an image is refused by the server, which reads its bytes: its problem is shown."""
+    open_forge(page, gateway_url(stack))
+    picker = page.get_by_label("Start from a sketch")
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/uploads") as uploaded:
+        picker.set_input_files(
+            {"name": "square.png", "mimeType": "image/png", "buffer": png_bytes(40, 40)}
+        )
+    assert uploaded.value.status == 201
+    thumb = page.locator("#sketch-thumb")
+    expect(thumb).to_be_visible()
+    expect(page.get_by_label("Strength", exact=True)).to_be_enabled()
+    page.get_by_role("button", name="Remove", exact=True).click()
+    expect(thumb).to_be_hidden()
+    expect(page.get_by_label("Strength", exact=True)).to_be_disabled()
+    expect(picker).to_be_focused()
+
+    # An SVG "sketch", dropped: 415 from the server, its detail on the page, no thumbnail.
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8"/></svg>'
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/uploads") as refused:
+        drop_file(page, "sketch.svg", "image/svg+xml", text=svg)
+    assert refused.value.status == 415
+    problem = page.locator("#problem")
+    expect(problem).to_be_visible()
+    expect(problem).to_contain_text(refused.value.json()["detail"])
+    expect(problem).to_contain_text("this is an SVG image")
+    expect(thumb).to_be_hidden()
+    expect(page.get_by_label("Strength", exact=True)).to_be_disabled()
+    shot(page, "13-refused-file")
+
+    # A text file from the picker: refused the same way.
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/uploads") as refused:
+        picker.set_input_files(
+            {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"a sword"}
+        )
+    assert refused.value.status == 415
+    expect(problem).to_contain_text("input images must be PNG, JPEG or WebP")
+    expect(thumb).to_be_hidden()
 
 
 def test_a_rate_limit_shows_a_countdown_then_allows_again(stack: JobsStack, page: Page) -> None:

@@ -76,11 +76,11 @@ def changed(manifest: dict[str, Any], change: Any) -> dict[str, Any]:
     [
         (
             lambda m: m.update(format=1),
-            "manifest.json has format 1; this model reads format 2: re-run the export",
+            "manifest.json has format 1; this model reads format 3: re-run the export",
         ),
         (
             lambda m: m.pop("format"),
-            "manifest.json has format None; this model reads format 2",
+            "manifest.json has format None; this model reads format 3",
         ),
         (
             lambda m: m["components"]["unet"].pop("rows_per_image"),
@@ -98,8 +98,20 @@ def changed(manifest: dict[str, Any], change: Any) -> dict[str, Any]:
             lambda m: m["components"]["unet"]["inputs"][0].update(shape=["batch", "depth"]),
             "unet.sample has dimensions ['depth'] that the manifest's dimensions do not define",
         ),
+        (
+            lambda m: m["components"].pop("vae_encoder"),
+            "at $.components: 'vae_encoder' is a required property",
+        ),
     ],
-    ids=["old-format", "no-format", "no-rows", "string-size", "bad-dimension", "unknown-dim"],
+    ids=[
+        "old-format",
+        "no-format",
+        "no-rows",
+        "string-size",
+        "bad-dimension",
+        "unknown-dim",
+        "no-encoder",
+    ],
 )
 def test_the_model_refuses_a_manifest_of_another_format_or_shape(
     weights: Path, tmp_path: Path, change: Any, message: str
@@ -117,7 +129,7 @@ def test_the_core_refuses_to_load_weights_the_schema_refuses(weights: Path, tmp_
     (tmp_path / "manifest.json").unlink()
     manifest = json.loads((weights / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
-    with pytest.raises(WeightsError, match="has format 1; this model reads format 2"):
+    with pytest.raises(WeightsError, match="has format 1; this model reads format 3"):
         make_core(tmp_path)
 
 

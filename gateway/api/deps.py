@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from gateway.api.inputs import is_multipart, multipart_body
 from gateway.bodies import RequestBodies
 from gateway.keys import ApiKey
 from gateway.problems import Problem
@@ -69,15 +70,19 @@ class Parsed:
     body: Any
 
 
-def contract_body(name: str) -> Callable[..., Awaitable[Parsed]]:
-    """A dependency giving the JSON body validated as the contract's class `name` (or 422).
+def contract_body(name: str, *, uploads: bool = False) -> Callable[..., Awaitable[Parsed]]:
+    """A dependency giving the JSON body validated as the contract's class `name` (or 422);
+    with `uploads`, a multipart body too (`gateway.api.inputs`: the JSON as `request`, the
+    input image as `image`, stored and charged as an upload).
 
     503 with Retry-After while no contract was ever seen. The route documents the body with
-    `openapi_extra=bodies.contract_body(name)`.
+    `openapi_extra=bodies.contract_body(name, uploads=...)`.
     """
 
-    async def parse(request: Request, svc: ServicesDep) -> Parsed:
+    async def parse(request: Request, svc: ServicesDep, key: GenerateKey) -> Parsed:
         bodies = svc.bodies.get()
+        if uploads and is_multipart(request):
+            return Parsed(bodies, bodies.parse(name, await multipart_body(request, svc, key)))
         try:
             data = await request.json()
         except ValueError as exc:
@@ -89,7 +94,7 @@ def contract_body(name: str) -> Callable[..., Awaitable[Parsed]]:
     return parse
 
 
-ImageBody = Annotated[Parsed, Depends(contract_body("ImageRequest"))]
-WeaponBody = Annotated[Parsed, Depends(contract_body("WeaponRequest"))]
+ImageBody = Annotated[Parsed, Depends(contract_body("ImageRequest", uploads=True))]
+WeaponBody = Annotated[Parsed, Depends(contract_body("WeaponRequest", uploads=True))]
 ImageJobBody = Annotated[Parsed, Depends(contract_body("ImageJobRequest"))]
 WeaponJobBody = Annotated[Parsed, Depends(contract_body("WeaponJobRequest"))]

@@ -24,6 +24,7 @@ from gateway.bodies import contract_body
 from gateway.content_policy import audit_refusal
 from gateway.generation import UNSAFE_IMAGE, ImageFlagged, progress_event
 from gateway.idempotency import Claim
+from gateway.input_images import InputImageError
 from gateway.keys import ApiKey
 from gateway.problems import Problem, as_problem, unavailable
 from gateway.ratelimit import cost
@@ -31,7 +32,7 @@ from gateway.schemas import ImageResult, ImageSpec
 from gateway.services import Services
 from gateway.triton_client import ModelRejected, Progress
 
-GENERATION_ERRORS = problems(400, 401, 403, 406, 409, 413, 422, 429, 499, 502, 503)
+GENERATION_ERRORS = problems(400, 401, 403, 406, 409, 413, 415, 422, 429, 499, 502, 503)
 IMAGE_CONTENT = {
     "description": (
         "the result, or the image itself with `Accept: image/png` or `image/webp`; with "
@@ -182,7 +183,7 @@ def clients_doing(exc: Exception) -> bool:
     """Whether a failed generation is the client's doing (an invalid request), which keeps
     its charge; anything else failed on the server's side. A client that went away
     (cancellation, not an Exception) keeps its charge too."""
-    return isinstance(exc, ModelRejected | Problem | ImageFlagged)
+    return isinstance(exc, ModelRejected | Problem | ImageFlagged | InputImageError)
 
 
 def audit_flagged(request: Request, key: ApiKey, spec: ImageSpec, exc: BaseException) -> None:
@@ -258,7 +259,7 @@ DOCUMENTED: dict[str, Any] = {
 }
 
 
-@router.post("/v1/images", openapi_extra=contract_body("ImageRequest"), **DOCUMENTED)
+@router.post("/v1/images", openapi_extra=contract_body("ImageRequest", uploads=True), **DOCUMENTED)
 async def create_image(
     request: Request,
     svc: ServicesDep,
@@ -268,13 +269,17 @@ async def create_image(
     preview_every: PreviewEvery = 0,
 ) -> Response:
     """Generate one image and wait for it (sync), or watch it made (server-sent events).
-    Same seed and parameters: same image."""
+    Same seed and parameters: same image. Image-to-image: `init_image` names a stored image,
+    or a multipart body sends the JSON as the part `request` and the image as `image`."""
     (flags,) = screen(svc, key, request.url.path, [parsed.body])
     spec = covered(svc, key, parsed.bodies.image_spec(parsed.body))
+    spec = await svc.generator.sized(spec, parsed.body.model_fields_set)
     return await run_sync(request, svc, key, parsed, spec, idempotency_key, preview_every, flags)
 
 
-@router.post("/v1/weapons", openapi_extra=contract_body("WeaponRequest"), **DOCUMENTED)
+@router.post(
+    "/v1/weapons", openapi_extra=contract_body("WeaponRequest", uploads=True), **DOCUMENTED
+)
 async def create_weapon(
     request: Request,
     svc: ServicesDep,
@@ -287,4 +292,5 @@ async def create_weapon(
     /v1/images."""
     (flags,) = screen(svc, key, request.url.path, [parsed.body])
     spec = covered(svc, key, parsed.bodies.weapon_spec(parsed.body))
+    spec = await svc.generator.sized(spec, parsed.body.model_fields_set)
     return await run_sync(request, svc, key, parsed, spec, idempotency_key, preview_every, flags)

@@ -25,6 +25,7 @@ from gateway.api.policy import covered, screen
 from gateway.bodies import contract_body
 from gateway.callback_urls import UnsafeCallback
 from gateway.idempotency import Claim
+from gateway.input_images import InputImageError
 from gateway.jobs import TERMINAL, JobMessage, new_job_id
 from gateway.keys import ApiKey
 from gateway.problems import Problem
@@ -60,6 +61,10 @@ async def submit(
     first."""
     flags = screen(svc, key, request.url.path, items)
     specs = [covered(svc, key, spec) for spec in specs]
+    specs = [
+        await sized(svc, index, item, spec)
+        for index, (item, spec) in enumerate(zip(items, specs, strict=True))
+    ]
     options = parsed.body
     assert isinstance(options, JobOptions)
     callback_url = getattr(options, "callback_url", None)
@@ -80,6 +85,15 @@ async def submit(
         await claim.release()
         raise
     return accepted(status, headers)
+
+
+async def sized(svc: Services, index: int, item: BaseModel, spec: ImageSpec) -> ImageSpec:
+    """A job item's spec sized by its init_image (`Generator.sized`); a missing one is
+    refused at submission, naming the item."""
+    try:
+        return await svc.generator.sized(spec, item.model_fields_set)
+    except InputImageError as exc:
+        raise InputImageError(exc.status, exc.title, f"item {index}: {exc.detail}") from exc
 
 
 async def check_callback(svc: Services, key: ApiKey, url: str) -> None:

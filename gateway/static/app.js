@@ -26,6 +26,9 @@ const el = {
   tinyNote: $("tiny-note"), tinyName: $("tiny-name"), cardTemplate: $("card-template"),
   progress: $("progress"), progressBar: $("progress-bar"), progressText: $("progress-text"),
   preview: $("preview"), cancel: $("cancel"), jobCardTemplate: $("job-card-template"),
+  sketch: $("sketch"), dropZone: $("drop-zone"), sketchFile: $("f-init_image"), sketchSet: $("sketch-set"),
+  sketchThumb: $("sketch-thumb"), sketchInfo: $("sketch-info"), removeSketch: $("remove-sketch"),
+  strength: $("f-strength"), strengthValue: $("strength-value"),
 };
 
 const state = {
@@ -41,6 +44,9 @@ const state = {
   seenIds: new Map(),    // asset id -> card number that first showed it
   seedMax: null,         // the seed's maximum, from the API's schema (BigInt)
   cancel: null,          // stops the image being streamed or the job followed, while there is one
+  sketch: null,          // the input image of the next forge: {id, url, width, height, what}, or null
+  uploads: 0,            // uploads started: only the latest one's answer sets the sketch
+  defaultSize: "",       // the model's default size, as the size select's first option says it
 };
 
 // ---------- JSON with exact seeds ----------
@@ -89,12 +95,14 @@ const CUT = { title: "The stream was cut", detail: "The connection to the gatewa
 // Worth asking again: no answer, or a gateway (or a proxy in front of it) not ready.
 const transient = (err) => err instanceof ApiError && [0, 502, 503, 504].includes(err.status);
 
+// A FormData body goes as multipart (the browser writes its Content-Type); any other as JSON.
 async function send(path, { method = "GET", body, auth = true, accept = "application/json", headers: extra, signal } = {}) {
   const headers = { ...extra, Accept: accept };
   if (auth && state.key) headers.Authorization = `Bearer ${state.key}`;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const json = body !== undefined && !(body instanceof FormData);
+  if (json) headers["Content-Type"] = "application/json";
   try {
-    return await fetch(path, { method, headers, body: body === undefined ? undefined : toJson(body), signal });
+    return await fetch(path, { method, headers, body: json ? toJson(body) : body, signal });
   } catch (err) {
     if (signal?.aborted) throw err;
     throw new ApiError(0, NO_ANSWER);
@@ -206,7 +214,28 @@ function buildBuilder(openapi) {
   const seed = opt("seed");
   const bound = [seed, ...(seed.anyOf || [])].map((s) => deref(openapi, s).maximum).find((m) => m !== undefined);
   state.seedMax = bound === undefined ? null : BigInt(bound);
+  buildStrength(openapi, props.strength);
 }
+
+// The strength slider from the schema's `strength` (a number, or anyOf number/null): its
+// bounds, its step (multipleOf, else hundredths of the range) and its default, which the
+// model states in the description ("default 0.75"). A gateway without image-to-image (no
+// `strength`) gets no sketch section.
+function buildStrength(openapi, prop) {
+  el.sketch.hidden = !prop;
+  if (!prop) return;
+  const p = deref(openapi, prop);
+  const number = [p, ...(p.anyOf || [])].map((s) => deref(openapi, s)).find((s) => s.type === "number") || {};
+  const min = number.minimum ?? 0;
+  const max = number.maximum ?? 1;
+  const stated = /default (\d+(?:\.\d+)?)/.exec(p.description || "");
+  const value = p.default ?? (stated ? Number(stated[1]) : (min + max) / 2);
+  Object.assign(el.strength, { min, max, step: number.multipleOf ?? (max - min) / 100 });
+  el.strength.value = String(value);
+  showStrength();
+}
+
+function showStrength() { el.strengthValue.textContent = Number(el.strength.value).toFixed(2); }
 
 // The size choices the model's contract allows: the default first, then the candidates
 // within the bounds and on the size multiple, as the OpenAPI schema states them.
@@ -215,8 +244,9 @@ function fillSizes(width, height) {
   const label = (w, h) => `${w} × ${h}${w > h ? " (wide)" : w < h ? " (tall)" : ""}`;
   const allowed = SIZE_CANDIDATES.filter(([w, h]) => fits(w, width) && fits(h, height)
     && !(w === width.default && h === height.default));
+  state.defaultSize = `Model default (${width.default} × ${height.default})`;
   el.size.replaceChildren(
-    new Option(`Model default (${width.default} × ${height.default})`, "", true, true),
+    new Option(state.sketch ? SKETCH_SIZE : state.defaultSize, "", true, true),
     ...allowed.map(([w, h]) => new Option(label(w, h), `${w}x${h}`)),
   );
 }
@@ -285,6 +315,7 @@ function formRequest() {
     const [w, h] = el.size.value.split("x").map(Number);
     Object.assign(body, { width: w, height: h });
   }
+  if (state.sketch) Object.assign(body, { init_image: state.sketch.id, strength: Number(el.strength.value) });
   if (promptEdited()) {
     if (!el.prompt.value.trim()) errors.prompt = "Write a prompt, or go back to the template.";
     Object.assign(body, { prompt: el.prompt.value.trim(), negative_prompt: state.negative });
@@ -389,6 +420,92 @@ function startCountdown(seconds, done) {
   tick();
   state.retryTimer = setInterval(tick, 250);
 }
+
+// ---------- input image (image-to-image) ----------
+
+// With an input image, the first size option sends no width and height: the server then
+// keeps the input image's aspect ratio. A size the user picks is sent, and the image is
+// fitted to it.
+const SKETCH_SIZE = "Input image's shape";
+
+// The input image of the next forges (an upload's or a forged image's asset), or none.
+function setSketch(sketch) {
+  state.sketch = sketch;
+  el.sketchSet.hidden = !sketch;
+  el.strength.disabled = !sketch;
+  el.size.options[0].text = sketch ? SKETCH_SIZE : state.defaultSize;
+  el.sketchFile.value = "";
+  if (!sketch) {
+    el.sketchThumb.removeAttribute("src");
+    el.sketchInfo.textContent = "";
+    return;
+  }
+  el.sketchThumb.src = sketch.url;
+  el.sketchThumb.alt = `Input image: ${sketch.what}`;
+  el.sketchInfo.textContent = `${sketch.what}, ${sketch.width} × ${sketch.height}`;
+}
+
+// Store a dropped or chosen file (POST /v1/uploads): the server reads its type from its
+// bytes, fits it to an allowed size and gives its key; a refused file's problem is shown.
+async function uploadSketch(file) {
+  const upload = (state.uploads += 1);
+  clearErrors();
+  setStatus(`Uploading ${file.name || "the image"}…`);
+  el.dropZone.setAttribute("aria-busy", "true");
+  const form = new FormData();
+  form.append("file", file, file.name || "sketch");
+  try {
+    const { data } = await api("/v1/uploads", { method: "POST", body: form });
+    if (upload !== state.uploads) return;
+    setSketch({ id: data.id, url: data.asset_url, width: data.width, height: data.height, what: "your sketch" });
+    setStatus("Sketch set: the next forge starts from it.");
+  } catch (err) {
+    if (upload !== state.uploads) return;
+    setStatus("");
+    if (!(err instanceof ApiError)) showProblem("Unexpected error", String(err));
+    else if ([400, 413, 415, 422].includes(err.status)) showProblem(`The image was refused: ${err.title}`, err.detail);
+    else handleError(err);
+  } finally {
+    if (upload === state.uploads) el.dropZone.removeAttribute("aria-busy");
+  }
+}
+
+// Files dragged over the drop zone: it says it takes them, and takes the first one dropped.
+const carriesFiles = (e) => e.dataTransfer && [...e.dataTransfer.types].includes("Files");
+el.dropZone.addEventListener("dragover", (e) => {
+  if (!carriesFiles(e)) return;
+  e.preventDefault();
+  e.dataTransfer.dropEffect = "copy";
+  el.dropZone.classList.add("dragging");
+});
+el.dropZone.addEventListener("dragleave", (e) => {
+  if (!el.dropZone.contains(e.relatedTarget)) el.dropZone.classList.remove("dragging");
+});
+el.dropZone.addEventListener("drop", (e) => {
+  if (!carriesFiles(e)) return;
+  e.preventDefault();
+  el.dropZone.classList.remove("dragging");
+  const file = e.dataTransfer.files[0];
+  if (file) uploadSketch(file);
+});
+// A file dropped beside the zone is refused there, not opened by the browser in the page's place.
+window.addEventListener("dragover", (e) => {
+  if (!carriesFiles(e) || el.dropZone.contains(e.target)) return;
+  e.preventDefault();
+  e.dataTransfer.dropEffect = "none";
+});
+window.addEventListener("drop", (e) => { if (carriesFiles(e) && !el.dropZone.contains(e.target)) e.preventDefault(); });
+el.sketchFile.addEventListener("change", () => {
+  const file = el.sketchFile.files[0];
+  if (file) uploadSketch(file);
+});
+el.removeSketch.addEventListener("click", () => {
+  state.uploads += 1; // an upload still under way no longer sets it
+  setSketch(null);
+  setStatus("Input image removed: the next forge starts from noise.");
+  el.sketchFile.focus();
+});
+el.strength.addEventListener("input", showStrength);
 
 // ---------- generation ----------
 
@@ -708,6 +825,11 @@ function addCard(result, kind, body, replacing = null) {
     ["Model", `${result.model.name} ${result.model.version}`.trim()],
     ["Time", result.cached ? "from cache" : `${(result.timings.total_ms / 1000).toFixed(2)} s`],
   ];
+  if (result.init_image) {
+    const from = state.seenIds.get(result.init_image);
+    meta.push(["From", from === undefined ? "a sketch" : `image ${from}`], ["Strength", +result.strength.toFixed(3)]);
+    node.dataset.initImage = result.init_image;
+  }
   node.querySelector(".meta").replaceChildren(...meta.flatMap(([k, v]) => [
     Object.assign(document.createElement("dt"), { textContent: k }),
     Object.assign(document.createElement("dd"), { textContent: String(v) }),
@@ -726,6 +848,14 @@ function addCard(result, kind, body, replacing = null) {
     const seed = BigInt(result.seed);
     const seeds = [1n, 2n, 3n].map((d) => (state.seedMax === null || seed + d <= state.seedMax ? seed + d : seed - d));
     forge(kind, seeds.map((s) => ({ ...body, seed: s })), `Variations of image ${n}`);
+  });
+  const refine = node.querySelector(".refine");
+  refine.setAttribute("aria-label", `Refine image ${n}: the next forge starts from it`);
+  refine.addEventListener("click", () => {
+    setSketch({ id: result.id, url: result.asset_url, width: result.width, height: result.height, what: `image ${n}` });
+    clearErrors();
+    setStatus(`Image ${n} is the input image: change the weapon or details, then forge.`);
+    el.strength.focus();
   });
   const first = state.seenIds.get(result.id);
   if (first !== undefined) {

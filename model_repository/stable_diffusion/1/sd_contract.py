@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+from sd_img2img import denoising_steps
 from sd_requests import SCHEDULERS, GenerationRequest, InvalidRequest, ResolvedRequest
 
 CONTRACT_VERSION = "1"  # the format of the parameters below that this code implements
@@ -93,8 +95,8 @@ class GenerationContract:
     """Bounds and defaults of a request, and the most rows a request or batch may carry.
 
     Always consistent: construction refuses a default outside its bounds, a default
-    scheduler not offered, an offered scheduler the core does not support, or a default size
-    the size rules forbid.
+    scheduler not offered, an offered scheduler the core does not support, a default size
+    the size rules forbid, or strengths outside 0..1.
     """
 
     schedulers: tuple[str, ...]
@@ -110,6 +112,9 @@ class GenerationContract:
     max_guidance: float
     default_guidance: float
     unguided_at_most: float
+    min_strength: float
+    max_strength: float
+    default_strength: float
     max_prompt_chars: int
     max_prompt_tokens: int
     prompt_overflow: str
@@ -144,6 +149,9 @@ class GenerationContract:
             max_guidance=p.number("max_guidance"),
             default_guidance=p.number("default_guidance"),
             unguided_at_most=p.number("unguided_at_most"),
+            min_strength=p.number("min_strength"),
+            max_strength=p.number("max_strength"),
+            default_strength=p.number("default_strength"),
             max_prompt_chars=p.integer("max_prompt_chars"),
             max_prompt_tokens=p.integer("max_prompt_tokens"),
             prompt_overflow=p.text("prompt_overflow"),
@@ -177,6 +185,10 @@ class GenerationContract:
             )
         _ordered(*self._named("min_steps", "default_steps", "max_steps"))
         _ordered(*self._named("min_guidance", "default_guidance", "max_guidance"))
+        # A strength is a fraction of the steps: 0 keeps the image, 1 repaints it all.
+        _at_least("min_strength", self.min_strength, 0)
+        strengths = self._named("min_strength", "default_strength", "max_strength")
+        _ordered(*strengths, ("full strength", 1.0))
         _ordered(*self._named("max_seed"), ("INT64 max", INT64_MAX))
         if self.prompt_overflow not in PROMPT_OVERFLOW:
             raise ConfigError(
@@ -195,8 +207,11 @@ class GenerationContract:
         seed = secrets.randbelow(self.max_seed + 1) if r.seed is None else r.seed
         steps = self.default_steps if r.steps is None else r.steps
         guidance = self.default_guidance if r.guidance_scale is None else r.guidance_scale
-        width = self.default_size if r.width is None else r.width
-        height = self.default_size if r.height is None else r.height
+        image_size = self._image_size(r)
+        width, height = image_size or (
+            self.default_size if r.width is None else r.width,
+            self.default_size if r.height is None else r.height,
+        )
         scheduler = self.default_scheduler if r.scheduler is None else r.scheduler
         self._check_text("prompt", r.prompt, required=True)
         self._check_text("negative_prompt", negative, required=False)
@@ -208,12 +223,14 @@ class GenerationContract:
             raise InvalidRequest(
                 f"guidance_scale {guidance} is outside [{self.min_guidance}, {self.max_guidance}]"
             )
-        self._check_size("width", width)
-        self._check_size("height", height)
+        whose = "image " if image_size else ""  # the client fixes the image, not width/height
+        self._check_size(f"{whose}width", width)
+        self._check_size(f"{whose}height", height)
         if scheduler not in self.schedulers:
             raise InvalidRequest(
                 f"unknown scheduler {scheduler!r}; choose from {', '.join(self.schedulers)}"
             )
+        strength = self._strength(r, steps)
         return ResolvedRequest(
             prompt=r.prompt,
             negative_prompt=negative,
@@ -224,7 +241,51 @@ class GenerationContract:
             height=height,
             scheduler=scheduler,
             guided=guidance > self.unguided_at_most,
+            image=r.image,
+            strength=strength,
         )
+
+    def _image_size(self, r: GenerationRequest) -> tuple[int, int] | None:
+        """The input image's (width, height), or None without one; InvalidRequest for an
+        image that is not HxWx3 uint8, or a width or height that differs from it."""
+        image = r.image
+        if image is None:
+            return None
+        wanted = "image must be height x width x 3 uint8 (RGB)"
+        if not isinstance(image, np.ndarray):
+            raise InvalidRequest(f"{wanted}; it is a {type(image).__name__}")
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InvalidRequest(f"{wanted}; it is {image.dtype} of shape {image.shape}")
+        height, width, _ = image.shape
+        for name, given, actual in (("width", r.width, width), ("height", r.height, height)):
+            if given is not None and given != actual:
+                raise InvalidRequest(
+                    f"{name} {given} differs from the image's {name} {actual}: an image's "
+                    f"size is the output's (leave {name} out)"
+                )
+        return width, height
+
+    def _strength(self, r: GenerationRequest, steps: int) -> float | None:
+        """The strength of an image row (the default when not given), None for a text row;
+        InvalidRequest for a strength without an image, out of bounds, or so small that the
+        row would have no denoising step."""
+        if r.image is None:
+            if r.strength is not None:
+                raise InvalidRequest(
+                    f"strength {r.strength} applies to an input image; this request has none"
+                )
+            return None
+        strength = self.default_strength if r.strength is None else r.strength
+        if not (math.isfinite(strength) and self.min_strength <= strength <= self.max_strength):
+            raise InvalidRequest(
+                f"strength {strength} is outside [{self.min_strength}, {self.max_strength}]"
+            )
+        if denoising_steps(steps, strength) < 1:
+            raise InvalidRequest(
+                f"strength {strength} with steps {steps} leaves no denoising step: "
+                "int(steps x strength) must be at least 1 (raise strength or steps)"
+            )
+        return strength
 
     def _check_text(self, name: str, value: str, *, required: bool) -> None:
         if required and not value.strip():

@@ -1,9 +1,11 @@
-"""The Stable Diffusion pipeline core: tokenizer, text encoder, denoising loop, VAE decoder.
+"""The Stable Diffusion pipeline core: tokenizer, text encoder, denoising loop, VAE decoder;
+for a row with an input image, the VAE encoder too (`sd_img2img`).
 
-Runs without Triton. Rows that share scheduler, steps and size (a group) are denoised
-together, one UNet call per step for the whole group, or for each batch of it when the group
-exceeds the config's `max_batch_pixels`; every row keeps its own scheduler state and random
-generator, so a row's image never depends on its batch mates or on how its group was split.
+Runs without Triton. Rows that share scheduler, steps and size, and for image-to-image rows
+strength (a group), are denoised together, one UNet call per step for the whole group, or for
+each batch of it when the group exceeds the config's `max_batch_pixels`; every row keeps its
+own scheduler state and random generator, so a row's image never depends on its batch mates
+or on how its group was split.
 
 A batch that fails (an exception in a network or a scheduler) fails only its own rows:
 `generate_outcomes` gives each row its image, None where the row was cancelled, or the
@@ -18,7 +20,9 @@ Components take and return torch tensors on their device (`sd_runtimes`): on a G
 the embeddings, latents, scheduler steps and the decoded image stay in GPU memory from the
 text encoder to the final uint8 image; only token ids go in and the uint8 image comes out.
 Initial noise is drawn on the CPU from each row's CPU generator (as diffusers does with a
-CPU generator), so the same seed gives the same starting latents on every device.
+CPU generator), so the same seed gives the same starting latents on every device. A row with
+an input image starts from the image's latents noised to its strength, and walks only the
+timesteps its strength leaves, as diffusers' StableDiffusionImg2ImgPipeline does.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ import numpy as np
 import torch
 from sd_contract import ConfigError, GenerationContract
 from sd_engines import uncovered
+from sd_img2img import image_batch, starting_latents
 from sd_requests import (
     SCHEDULERS,
     GenerationRequest,
+    GroupKey,
     InvalidRequest,
     Row,
     StepObserver,
@@ -189,13 +195,16 @@ class StableDiffusionCore:
 
     def warm_up(self) -> None:
         """Images of a default request (default size, scheduler and guidance; two steps
-        where the contract allows) before the first request, so lazy initialisation (CUDA
-        context, kernels, torch.compile) is paid here, not by a client. A compiled UNet sees
-        every batch the batcher may form at that size (one CUDA graph each)."""
+        where the contract allows), and a VAE encoder call, before the first request, so lazy
+        initialisation (CUDA context, kernels, torch.compile) is paid here, not by a client. A
+        compiled UNet sees every batch the batcher may form at that size (one CUDA graph
+        each)."""
         steps = min(max(2, self.contract.min_steps), self.contract.max_steps)
         batches = range(1, self.contract.max_batch_size + 1 if self.settings.compile_mode else 2)
         for n in batches:
             self.generate([self.row(GenerationRequest("warm-up", steps=steps)) for _ in range(n)])
+        size = self.contract.default_size
+        self.components["vae_encoder"](torch.zeros((1, 3, size, size), device=self.device))
 
     def _latent_shape(self, height: int, width: int) -> Shape:
         """One image's latents: the VAE decoder's input for one row."""
@@ -208,12 +217,13 @@ class StableDiffusionCore:
         """How `generate_outcomes` runs `rows`: lists of row indices, each denoised together
         (one UNet call per step) and decoded together.
 
-        Rows share a batch only when they share scheduler, steps and size (a group; groups
-        in order of first appearance). A group is split so that no batch holds more than
-        `max_batch_pixels` of UNet pixels (`ResolvedRequest.unet_pixels`: a guided row counts
-        twice); a row over the budget by itself is a batch of its own.
+        Rows share a batch only when they share scheduler, steps, size and, for input
+        images, strength (a group: `ResolvedRequest.group_key`; groups in order of first
+        appearance). A group is split so that no batch holds more than `max_batch_pixels` of
+        UNet pixels (`ResolvedRequest.unet_pixels`: a guided row counts twice); a row over the
+        budget by itself is a batch of its own.
         """
-        groups: dict[tuple[str, int, int, int], list[int]] = defaultdict(list)
+        groups: dict[GroupKey, list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
             groups[row.request.group_key].append(i)
         return [
@@ -263,6 +273,31 @@ class StableDiffusionCore:
         ).input_ids
         return self.components["text_encoder"](torch.from_numpy(ids.astype(np.int64)))
 
+    def _starting_latents(self, rows: list[Row], latent_shape: Shape) -> dict[int, torch.Tensor]:
+        """Each row's latents before its first step, by id: noise from its generator (scaled
+        to the scheduler's first sigma), or for rows with an input image (a group has images
+        on all its rows or none) the image's latents noised to its strength."""
+        if rows[0].request.image is None:
+            return {
+                id(r): (
+                    torch.randn(latent_shape, generator=r.generator, dtype=torch.float32)
+                    * r.scheduler.init_noise_sigma
+                ).to(self.device)
+                for r in rows
+            }
+        images = [r.request.image for r in rows if r.request.image is not None]
+        moments = self.components["vae_encoder"](image_batch(images, self.device))
+        return {
+            id(r): starting_latents(
+                moments[i : i + 1],
+                scaling_factor=self.manifest["vae"]["scaling_factor"],
+                generator=r.generator,
+                scheduler=r.scheduler,
+                timestep=r.timesteps[:1],
+            )
+            for i, r in enumerate(rows)
+        }
+
     def _generate_batch(self, rows: list[Row]) -> list[np.ndarray | None]:
         """Denoise and decode one batch (rows of one group): an image per row, None where
         the row was cancelled."""
@@ -276,15 +311,9 @@ class StableDiffusionCore:
             id(r): embeddings[len(rows) + j]
             for j, r in enumerate(r for r in rows if r.request.guided)
         }
-        latents = {
-            id(r): (
-                torch.randn(latent_shape, generator=r.generator, dtype=torch.float32)
-                * r.scheduler.init_noise_sigma
-            ).to(self.device)
-            for r in rows
-        }
+        latents = self._starting_latents(rows, latent_shape)
         live = list(rows)
-        timesteps = rows[0].scheduler.timesteps
+        timesteps = rows[0].timesteps  # one list for the group: same scheduler, steps, strength
         for done, t in enumerate(timesteps, start=1):
             live = [r for r in live if not r.is_cancelled()]
             if not live:

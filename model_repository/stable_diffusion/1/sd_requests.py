@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -20,6 +21,7 @@ from diffusers import (
     LCMScheduler,
     PNDMScheduler,
 )
+from sd_img2img import first_timestep
 
 # diffusers schedulers share no typed base with set_timesteps/step/scale_model_input.
 Scheduler = Any
@@ -50,10 +52,19 @@ class InvalidRequest(ValueError):
     """A request the client must change; the message names the bad value."""
 
 
+# Rows with the same key can share every UNet call: scheduler, steps, height, width, whether
+# they start from an input image, and its strength (None without an image).
+GroupKey = tuple[str, int, int, int, bool, float | None]
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One image as a client asks for it. None means not given: the core fills it from the
-    generation contract (and draws a missing seed), as diffusers' pipeline fills its own."""
+    generation contract (and draws a missing seed), as diffusers' pipeline fills its own.
+
+    `image` (HxWx3 uint8 RGB) makes it image to image: the image's size is the output's, and
+    `strength` (the contract's default_strength when None) says how much of it to repaint.
+    """
 
     prompt: str
     negative_prompt: str | None = None
@@ -63,6 +74,9 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    # Out of == and hash (an array has neither) and of repr (megabytes of pixels).
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,9 @@ class ResolvedRequest:
     """Every value of one image, given or filled in, checked against the contract.
 
     `guided`: classifier-free guidance, i.e. guidance_scale above the contract's
-    unguided_at_most; an unguided row skips the unconditional UNet pass.
+    unguided_at_most; an unguided row skips the unconditional UNet pass. `image` and
+    `strength`: the input image (height x width x 3) and its strength, for image to image;
+    both None otherwise.
     """
 
     prompt: str
@@ -82,11 +98,15 @@ class ResolvedRequest:
     height: int
     scheduler: str
     guided: bool
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float | None = None
 
     @property
-    def group_key(self) -> tuple[str, int, int, int]:
-        """Rows with the same key can share every UNet call."""
-        return (self.scheduler, self.steps, self.height, self.width)
+    def group_key(self) -> GroupKey:
+        """Rows with the same key can share every UNet call: they walk the same timesteps
+        from latents of one shape."""
+        has_image = self.image is not None
+        return (self.scheduler, self.steps, self.height, self.width, has_image, self.strength)
 
     @property
     def unet_pixels(self) -> int:
@@ -95,16 +115,21 @@ class ResolvedRequest:
         return (2 if self.guided else 1) * self.width * self.height
 
     def describe_group(self) -> str:
-        """The group in words, for messages: `euler, 25 steps, 512x512`."""
-        return f"{self.scheduler}, {self.steps} steps, {self.width}x{self.height}"
+        """The group in words, for messages: `euler, 25 steps, 512x512`, with `, image to
+        image at strength 0.75` for rows with an input image."""
+        words = f"{self.scheduler}, {self.steps} steps, {self.width}x{self.height}"
+        if self.image is None:
+            return words
+        return f"{words}, image to image at strength {self.strength}"
 
 
 @dataclass
 class Row:
     """A resolved request with its own scheduler and random generator, asked before every
     step whether it was cancelled, and told of each step done where it has an observer.
-    Once its image is decoded, `flagged` says whether the safety checker flagged it (never,
-    for weights without one)."""
+    `first_step` is where its denoising starts in the scheduler's timesteps: 0, or later for
+    an input image (`sd_img2img.first_timestep`). Once its image is decoded, `flagged` says
+    whether the safety checker flagged it (never, for weights without one)."""
 
     request: ResolvedRequest
     scheduler: Scheduler
@@ -112,6 +137,12 @@ class Row:
     is_cancelled: Callable[[], bool] = field(default=lambda: False)
     on_step: StepObserver | None = None
     flagged: bool = False
+    first_step: int = 0
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The timesteps this row is denoised at, one UNet call each."""
+        return self.scheduler.timesteps[self.first_step :]
 
     def step_kwargs(self) -> dict[str, Any]:
         """The scheduler.step keyword arguments for this row: its generator, where taken."""
@@ -125,7 +156,8 @@ def make_row(
     is_cancelled: Callable[[], bool] | None = None,
     on_step: StepObserver | None = None,
 ) -> Row:
-    """Give `request` a scheduler set to its step count and a generator seeded with its seed."""
+    """Give `request` a scheduler set to its step count (starting where its strength says,
+    for an input image) and a generator seeded with its seed."""
     scheduler = SCHEDULERS[request.scheduler](scheduler_config)
     try:
         scheduler.set_timesteps(request.steps)
@@ -134,4 +166,7 @@ def make_row(
             f"scheduler {request.scheduler!r} with steps {request.steps}: {exc}"
         ) from exc
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    return Row(request, scheduler, generator, is_cancelled or (lambda: False), on_step)
+    row = Row(request, scheduler, generator, is_cancelled or (lambda: False), on_step)
+    if request.strength is not None:
+        row.first_step = first_timestep(scheduler, request.steps, request.strength)
+    return row

@@ -291,6 +291,10 @@ class TorchComponent:
                 context.to(self.device, self.dtype),
                 return_dict=False,
             )[0][:rows]
+        elif self.name == "vae_encoder":
+            (images,) = inputs
+            encode: Any = self.module.encode  # AutoencoderKL.encode: the posterior's moments
+            out = encode(images.to(self.device, self.dtype), return_dict=False)[0].parameters
         else:
             (latents,) = inputs
             decode: Any = self.module.decode  # AutoencoderKL.decode
@@ -307,10 +311,12 @@ def _torch_components(
     source = folder / manifest["diffusers"]
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    vae = AutoencoderKL.from_pretrained(source / "vae", torch_dtype=dtype)  # decodes and encodes
     modules: dict[str, torch.nn.Module] = {
         "text_encoder": CLIPTextModel.from_pretrained(source / "text_encoder", torch_dtype=dtype),
         "unet": UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=dtype),
-        "vae_decoder": AutoencoderKL.from_pretrained(source / "vae", torch_dtype=dtype),
+        "vae_decoder": vae,
+        "vae_encoder": vae,
     }
     return {
         name: TorchComponent(
@@ -346,7 +352,7 @@ def load_components(
     max_batch_size: int,
     default_size: int,
 ) -> dict[str, Component]:
-    """text_encoder, unet and vae_decoder on `settings.runtime`. TensorRT engines must
+    """text_encoder, unet, vae_decoder and vae_encoder on `settings.runtime`. TensorRT engines must
     cover batches of 1..max_batch_size images at the default size."""
     if settings.runtime == "torch":
         return _torch_components(folder, manifest, settings.compile_mode)

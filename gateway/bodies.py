@@ -336,6 +336,7 @@ def multipart(body: dict[str, Any]) -> dict[str, Any]:
         "schema": {
             "type": "object",
             "required": ["request", "image"],
+            "additionalProperties": False,
             "properties": {
                 "request": body,
                 "image": {"type": "string", "format": "binary", "description": "PNG, JPEG, WebP"},

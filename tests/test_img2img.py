@@ -18,6 +18,7 @@ from sd_pipeline import StableDiffusionCore
 from sd_requests import SCHEDULERS, GenerationRequest, InvalidRequest
 from tritonclient.utils import InferenceServerException
 
+from gateway.triton_client import ImageParams, make_inputs
 from launcher.triton import Triton
 from tests.conftest import core_config, make_core
 from tests.polling import wait_until
@@ -255,41 +256,9 @@ def test_a_bad_strength_contract_stops_the_model_from_loading(
 # Through the real Triton.
 
 
-# GenerationRequest field -> the Triton datatype and numpy dtype of its input.
-COLUMNS = {
-    "prompt": ("BYTES", np.object_),
-    "negative_prompt": ("BYTES", np.object_),
-    "seed": ("INT64", np.int64),
-    "steps": ("INT32", np.int32),
-    "guidance_scale": ("FP32", np.float32),
-    "width": ("INT32", np.int32),
-    "height": ("INT32", np.int32),
-    "scheduler": ("BYTES", np.object_),
-    "strength": ("FP32", np.float32),
-}
-
-
-def tensor(name: str, datatype: str, values: np.ndarray) -> grpcclient.InferInput:
-    item = grpcclient.InferInput(name, list(values.shape), datatype)
-    item.set_data_from_numpy(values)
-    return item
-
-
 def infer_inputs(rows: list[GenerationRequest]) -> list[grpcclient.InferInput]:
-    """The Triton inputs of one request of `rows`: each input the first row gives (a
-    request's rows give the same inputs), `image` as [rows, height, width, 3]."""
-    inputs = []
-    for name, (datatype, dtype) in COLUMNS.items():
-        values = [getattr(r, name) for r in rows]
-        if values[0] is not None:
-            if dtype is np.object_:
-                values = [v.encode() for v in values]
-            column = np.array(values, dtype=dtype).reshape(len(rows), 1)
-            inputs.append(tensor(name, datatype, column))
-    images = [r.image for r in rows if r.image is not None]
-    if images:
-        inputs.append(tensor("image", "UINT8", np.stack(images)))
-    return inputs
+    """The Triton inputs of one request of `rows`, made as the gateway makes them."""
+    return make_inputs(grpcclient, [ImageParams(**vars(r)) for r in rows])
 
 
 def served(triton: Triton, rows: list[GenerationRequest]) -> np.ndarray:

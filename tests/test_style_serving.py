@@ -1,0 +1,256 @@
+"""Studio styles served per request on the torch runtime: parity with diffusers' own LoRA
+loading for both layouts, weight 0 as no style, rows with different styles in one batch
+independent of each other, styles published and removed while the model runs (in-process
+and through a real Triton), the memory budget's least-recently-used unloading, and the
+requests refused (unknown style, weight out of bounds, a runtime that applies no styles)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from sd_pipeline import StableDiffusionCore
+from sd_requests import GenerationRequest, InvalidRequest
+from tritonclient.utils import InferenceServerException
+
+from export.styles import add_style, list_styles, remove_style
+from export.tiny_lora import write_test_loras
+from launcher.triton import Triton
+from tests.conftest import ROOT, make_core
+
+PROMPT = "a frost-forged legendary axe in the studio's style"
+
+
+def request(**overrides: Any) -> GenerationRequest:
+    fields: dict[str, Any] = dict(
+        prompt=PROMPT, negative_prompt="blurry", seed=42, steps=4, scheduler="euler"
+    )
+    return GenerationRequest(**{**fields, **overrides})
+
+
+def one(core: StableDiffusionCore, **overrides: Any) -> np.ndarray:
+    (image,) = core.generate([core.row(request(**overrides))])
+    assert image is not None
+    return image
+
+
+def levels(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.fixture(scope="module")
+def base_pipe(tiny_model: Path) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def lora_files(base_pipe: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("served-loras")
+    files = write_test_loras(base_pipe, folder / "ember", seed=11)
+    files["other"] = write_test_loras(base_pipe, folder / "other", seed=12)["peft"]
+    files["large"] = write_test_loras(base_pipe, folder / "large", rank=128, seed=13)["peft"]
+    return files
+
+
+@pytest.fixture
+def styles(repository: Path, lora_files: dict[str, Path]) -> Iterator[Path]:
+    """`ember` (the kohya file) and `other` published; every style removed afterwards."""
+    add_style(repository, "ember", lora_files["kohya"])
+    add_style(repository, "other", lora_files["other"])
+    yield repository
+    for style in list_styles(repository):
+        remove_style(repository, style["name"])
+
+
+@pytest.fixture(scope="module")
+def torch_core(weights: Path) -> StableDiffusionCore:
+    return make_core(weights, runtime="torch")
+
+
+def diffusers_styled(tiny_model: Path, file: Path, weight: float) -> np.ndarray:
+    """diffusers' image for `request()` with `file` loaded by load_lora_weights at `weight`."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="studio")
+    pipe.set_adapters(["studio"], [weight])
+    r = request()
+    image = pipe(
+        r.prompt,
+        negative_prompt=r.negative_prompt,
+        num_inference_steps=r.steps,
+        generator=torch.Generator().manual_seed(r.seed),
+        output_type="np",
+    ).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_a_styled_image_equals_diffusers_with_the_lora_loaded(
+    torch_core: StableDiffusionCore,
+    styles: Path,
+    lora_files: dict[str, Path],
+    tiny_model: Path,
+    layout: str,
+) -> None:
+    add_style(styles, "studio", lora_files[layout])
+    for weight in (0.6, 1.0):
+        ours = one(torch_core, style="studio", style_weight=weight)
+        want = diffusers_styled(tiny_model, lora_files[layout], weight)
+        assert levels(ours, want) <= 1, f"{layout} at {weight}"
+        assert levels(ours, one(torch_core)) > 8  # the style shows
+
+
+def test_weight_zero_is_no_style(torch_core: StableDiffusionCore, styles: Path) -> None:
+    plain = one(torch_core)
+    assert np.array_equal(one(torch_core, style="ember", style_weight=0.0), plain)
+    row = torch_core.row(request(style="ember", style_weight=0.0))
+    assert row.style is None
+    assert row.request.group_key == torch_core.row(request()).request.group_key
+
+
+def test_rows_with_different_styles_in_one_batch_are_each_as_alone(
+    torch_core: StableDiffusionCore, styles: Path
+) -> None:
+    asked = [
+        dict(style="ember", style_weight=0.8),
+        {},
+        dict(style="other"),
+        dict(style="ember", style_weight=0.5, seed=7),
+        dict(style="ember", style_weight=0.8, seed=9),
+    ]
+    rows = [torch_core.row(request(**a)) for a in asked]
+    assert len(torch_core.batches(rows)) == 4  # ember at 0.8 twice shares one batch
+    together = torch_core.generate(rows)
+    for i, (a, image) in enumerate(zip(asked, together, strict=True)):
+        assert image is not None
+        alone = one(torch_core, **a)
+        if i in (1, 2, 3):  # alone in its batch here too: the same bytes
+            assert np.array_equal(image, alone), a
+        else:  # torch's kernels vary with the batch size (tests/test_runtimes.py)
+            assert levels(image, alone) <= 1, a
+    assert len({image.tobytes() for image in together if image is not None}) == 5
+
+
+def test_styles_published_and_removed_while_running(
+    torch_core: StableDiffusionCore, styles: Path, lora_files: dict[str, Path]
+) -> None:
+    with pytest.raises(InvalidRequest, match="unknown style 'fresh'; styles available: ember, o"):
+        torch_core.row(request(style="fresh"))
+    add_style(styles, "fresh", lora_files["peft"])
+    first = one(torch_core, style="fresh")
+    add_style(styles, "fresh", lora_files["other"])  # republished: new weights, same name
+    assert np.array_equal(one(torch_core, style="fresh"), one(torch_core, style="other"))
+    assert not np.array_equal(first, one(torch_core, style="fresh"))
+    remove_style(styles, "fresh")
+    with pytest.raises(InvalidRequest, match="unknown style 'fresh'"):
+        torch_core.row(request(style="fresh"))
+
+
+def test_the_memory_budget_unloads_the_least_recently_used_style(
+    weights: Path, styles: Path, lora_files: dict[str, Path]
+) -> None:
+    add_style(styles, "large", lora_files["large"])  # rank 128: over the 3 MB budget alone
+    core = make_core(weights, runtime="torch", style_memory_mb="3")
+
+    def resident() -> list[str]:
+        return [style.name for style, _ in core.styles.resident.values()]
+
+    ember = one(core, style="ember")
+    large = one(core, style="large")
+    assert resident() == ["large"]  # loaded alone: ember unloaded
+    assert core.styles.resident_bytes() > 3 * 2**20
+    assert np.array_equal(one(core, style="ember"), ember)  # loaded again, same image
+    other = one(core, style="other")
+    assert resident() == ["ember", "other"]  # both fit
+    one(core, style="ember")
+    assert resident() == ["other", "ember"]  # ember used last
+    assert np.array_equal(one(core, style="large"), large)
+    assert resident() == ["large"]
+    assert np.array_equal(one(core, style="other"), other)
+
+
+def test_bad_style_requests_are_refused(weights: Path, styles: Path) -> None:
+    core = make_core(weights, runtime="onnxruntime")
+    with pytest.raises(InvalidRequest, match="runtime onnxruntime applies no styles"):
+        core.row(request(style="ember"))
+    with pytest.raises(InvalidRequest, match=r"style_weight 2.5 is outside \[0.0, 2.0\]"):
+        core.row(request(style="ember", style_weight=2.5))
+    with pytest.raises(InvalidRequest, match=r"style_weight 0\.5 applies to a style"):
+        core.row(request(style_weight=0.5))
+    with pytest.raises(InvalidRequest, match=r"unknown style '\.\./ember'"):
+        core.row(request(style="../ember"))
+
+
+@pytest.fixture(scope="module")
+def torch_triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    """The tiny model in its own Triton on runtime torch, with its own styles folder."""
+    import subprocess
+
+    copy = tmp_path_factory.mktemp("styled") / "model_repository"
+    shutil.copytree(repository, copy, symlinks=True)
+    shutil.rmtree(copy / "stable_diffusion" / "styles", ignore_errors=True)
+    subprocess.run(
+        [sys.executable, "-m", "export", "config", "--repository", str(copy), "--runtime", "torch"],
+        check=True,
+        cwd=ROOT,
+    )
+    server = Triton(copy, tmp_path_factory.mktemp("styled-triton")).start()
+    try:
+        server.load()
+        yield server
+    finally:
+        server.stop()
+
+
+def infer(triton: Triton, style: str | None = None, weight: float | None = None) -> np.ndarray:
+    inputs = []
+    values: list[tuple[str, str, np.ndarray]] = [
+        ("prompt", "BYTES", np.array([[PROMPT.encode()]], dtype=object)),
+        ("seed", "INT64", np.array([[42]], dtype=np.int64)),
+        ("steps", "INT32", np.array([[4]], dtype=np.int32)),
+        ("scheduler", "BYTES", np.array([[b"euler"]], dtype=object)),
+    ]
+    if style is not None:
+        values.append(("style", "BYTES", np.array([[style.encode()]], dtype=object)))
+    if weight is not None:
+        values.append(("style_weight", "FP32", np.array([[weight]], dtype=np.float32)))
+    for name, dtype, value in values:
+        tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        result = client.infer("stable_diffusion", inputs)
+    return result.as_numpy("generated_image")[0]
+
+
+def test_a_style_published_while_triton_runs_is_served_by_the_next_request(
+    torch_triton: Triton, lora_files: dict[str, Path], torch_core: StableDiffusionCore
+) -> None:
+    copy = torch_triton.repository
+    with pytest.raises(InferenceServerException, match="unknown style 'ember'") as caught:
+        infer(torch_triton, "ember")
+    assert "StatusCode.INVALID_ARGUMENT" in str(caught.value.status())
+    add_style(copy, "ember", lora_files["peft"])
+    served = infer(torch_triton, "ember", 0.7)
+    assert levels(served, infer(torch_triton)) > 8
+    remove_style(copy, "ember")
+    with pytest.raises(InferenceServerException, match="unknown style 'ember'; styles available"):
+        infer(torch_triton, "ember", 0.7)

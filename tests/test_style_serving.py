@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from safetensors.torch import save_file
 from sd_pipeline import StableDiffusionCore
 from sd_requests import GenerationRequest, InvalidRequest
 from tritonclient.utils import InferenceServerException
@@ -75,9 +76,12 @@ def styles(repository: Path, lora_files: dict[str, Path]) -> Iterator[Path]:
         remove_style(repository, style["name"])
 
 
-@pytest.fixture(scope="module")
-def torch_core(weights: Path) -> StableDiffusionCore:
-    return make_core(weights, runtime="torch")
+RUNTIMES = ["onnxruntime", "torch"]
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def core(request: pytest.FixtureRequest, weights: Path) -> StableDiffusionCore:
+    return make_core(weights, runtime=request.param)
 
 
 def diffusers_styled(tiny_model: Path, file: Path, weight: float) -> np.ndarray:
@@ -104,7 +108,7 @@ def diffusers_styled(tiny_model: Path, file: Path, weight: float) -> np.ndarray:
 
 @pytest.mark.parametrize("layout", ["peft", "kohya"])
 def test_a_styled_image_equals_diffusers_with_the_lora_loaded(
-    torch_core: StableDiffusionCore,
+    core: StableDiffusionCore,
     styles: Path,
     lora_files: dict[str, Path],
     tiny_model: Path,
@@ -112,22 +116,23 @@ def test_a_styled_image_equals_diffusers_with_the_lora_loaded(
 ) -> None:
     add_style(styles, "studio", lora_files[layout])
     for weight in (0.6, 1.0):
-        ours = one(torch_core, style="studio", style_weight=weight)
+        ours = one(core, style="studio", style_weight=weight)
         want = diffusers_styled(tiny_model, lora_files[layout], weight)
         assert levels(ours, want) <= 1, f"{layout} at {weight}"
-        assert levels(ours, one(torch_core)) > 8  # the style shows
+        assert levels(ours, one(core)) > 8  # the style shows
 
 
-def test_weight_zero_is_no_style(torch_core: StableDiffusionCore, styles: Path) -> None:
-    plain = one(torch_core)
-    assert np.array_equal(one(torch_core, style="ember", style_weight=0.0), plain)
-    row = torch_core.row(request(style="ember", style_weight=0.0))
+def test_weight_zero_is_no_style(core: StableDiffusionCore, styles: Path) -> None:
+    plain = one(core)
+    one(core, style="ember")  # a style applied before leaves nothing behind
+    assert np.array_equal(one(core, style="ember", style_weight=0.0), plain)
+    row = core.row(request(style="ember", style_weight=0.0))
     assert row.style is None
-    assert row.request.group_key == torch_core.row(request()).request.group_key
+    assert row.request.group_key == core.row(request()).request.group_key
 
 
 def test_rows_with_different_styles_in_one_batch_are_each_as_alone(
-    torch_core: StableDiffusionCore, styles: Path
+    core: StableDiffusionCore, styles: Path
 ) -> None:
     asked = [
         dict(style="ember", style_weight=0.8),
@@ -136,13 +141,13 @@ def test_rows_with_different_styles_in_one_batch_are_each_as_alone(
         dict(style="ember", style_weight=0.5, seed=7),
         dict(style="ember", style_weight=0.8, seed=9),
     ]
-    rows = [torch_core.row(request(**a)) for a in asked]
-    assert len(torch_core.batches(rows)) == 4  # ember at 0.8 twice shares one batch
-    together = torch_core.generate(rows)
+    rows = [core.row(request(**a)) for a in asked]
+    assert len(core.batches(rows)) == 4  # ember at 0.8 twice shares one batch
+    together = core.generate(rows)
     for i, (a, image) in enumerate(zip(asked, together, strict=True)):
         assert image is not None
-        alone = one(torch_core, **a)
-        if i in (1, 2, 3):  # alone in its batch here too: the same bytes
+        alone = one(core, **a)
+        if i in (1, 2, 3) or core.settings.runtime == "onnxruntime":  # the same bytes
             assert np.array_equal(image, alone), a
         else:  # torch's kernels vary with the batch size (tests/test_runtimes.py)
             assert levels(image, alone) <= 1, a
@@ -150,25 +155,26 @@ def test_rows_with_different_styles_in_one_batch_are_each_as_alone(
 
 
 def test_styles_published_and_removed_while_running(
-    torch_core: StableDiffusionCore, styles: Path, lora_files: dict[str, Path]
+    core: StableDiffusionCore, styles: Path, lora_files: dict[str, Path]
 ) -> None:
     with pytest.raises(InvalidRequest, match="unknown style 'fresh'; styles available: ember, o"):
-        torch_core.row(request(style="fresh"))
+        core.row(request(style="fresh"))
     add_style(styles, "fresh", lora_files["peft"])
-    first = one(torch_core, style="fresh")
+    first = one(core, style="fresh")
     add_style(styles, "fresh", lora_files["other"])  # republished: new weights, same name
-    assert np.array_equal(one(torch_core, style="fresh"), one(torch_core, style="other"))
-    assert not np.array_equal(first, one(torch_core, style="fresh"))
+    assert np.array_equal(one(core, style="fresh"), one(core, style="other"))
+    assert not np.array_equal(first, one(core, style="fresh"))
     remove_style(styles, "fresh")
     with pytest.raises(InvalidRequest, match="unknown style 'fresh'"):
-        torch_core.row(request(style="fresh"))
+        core.row(request(style="fresh"))
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_the_memory_budget_unloads_the_least_recently_used_style(
-    weights: Path, styles: Path, lora_files: dict[str, Path]
+    weights: Path, styles: Path, lora_files: dict[str, Path], runtime: str
 ) -> None:
     add_style(styles, "large", lora_files["large"])  # rank 128: over the 3 MB budget alone
-    core = make_core(weights, runtime="torch", style_memory_mb="3")
+    core = make_core(weights, runtime=runtime, style_memory_mb="3")
 
     def resident() -> list[str]:
         return [style.name for style, _ in core.styles.resident.values()]
@@ -188,9 +194,10 @@ def test_the_memory_budget_unloads_the_least_recently_used_style(
 
 
 def test_bad_style_requests_are_refused(weights: Path, styles: Path) -> None:
-    core = make_core(weights, runtime="onnxruntime")
-    with pytest.raises(InvalidRequest, match="runtime onnxruntime applies no styles"):
+    core = make_core(weights, runtime="onnxruntime", style_memory_mb="0")
+    with pytest.raises(InvalidRequest, match=r"serves no styles \(its style_memory_mb is 0\)"):
         core.row(request(style="ember"))
+    assert not core.components["unet"].style_targets  # plain sessions, pre-packed
     with pytest.raises(InvalidRequest, match=r"style_weight 2.5 is outside \[0.0, 2.0\]"):
         core.row(request(style="ember", style_weight=2.5))
     with pytest.raises(InvalidRequest, match=r"style_weight 0\.5 applies to a style"):
@@ -224,6 +231,7 @@ def infer(triton: Triton, style: str | None = None, weight: float | None = None)
     inputs = []
     values: list[tuple[str, str, np.ndarray]] = [
         ("prompt", "BYTES", np.array([[PROMPT.encode()]], dtype=object)),
+        ("negative_prompt", "BYTES", np.array([[b"blurry"]], dtype=object)),
         ("seed", "INT64", np.array([[42]], dtype=np.int64)),
         ("steps", "INT32", np.array([[4]], dtype=np.int32)),
         ("scheduler", "BYTES", np.array([[b"euler"]], dtype=object)),
@@ -241,16 +249,54 @@ def infer(triton: Triton, style: str | None = None, weight: float | None = None)
     return result.as_numpy("generated_image")[0]
 
 
+@pytest.mark.parametrize("server", ["triton", "torch_triton"])  # onnxruntime, torch
 def test_a_style_published_while_triton_runs_is_served_by_the_next_request(
-    torch_triton: Triton, lora_files: dict[str, Path], torch_core: StableDiffusionCore
+    server: str,
+    request: pytest.FixtureRequest,
+    lora_files: dict[str, Path],
+    tiny_model: Path,
 ) -> None:
-    copy = torch_triton.repository
-    with pytest.raises(InferenceServerException, match="unknown style 'ember'") as caught:
-        infer(torch_triton, "ember")
-    assert "StatusCode.INVALID_ARGUMENT" in str(caught.value.status())
-    add_style(copy, "ember", lora_files["peft"])
-    served = infer(torch_triton, "ember", 0.7)
-    assert levels(served, infer(torch_triton)) > 8
-    remove_style(copy, "ember")
-    with pytest.raises(InferenceServerException, match="unknown style 'ember'; styles available"):
-        infer(torch_triton, "ember", 0.7)
+    triton: Triton = request.getfixturevalue(server)
+    with pytest.raises(InferenceServerException, match="unknown style 'hot'") as caught:
+        infer(triton, "hot")
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    add_style(triton.repository, "hot", lora_files["peft"])
+    try:
+        served = infer(triton, "hot", 0.7)
+    finally:
+        remove_style(triton.repository, "hot")
+    assert levels(served, diffusers_styled(tiny_model, lora_files["peft"], 0.7)) <= 1
+    with pytest.raises(InferenceServerException, match="unknown style 'hot'; styles available"):
+        infer(triton, "hot", 0.7)
+
+
+def test_onnx_initializers_are_matched_to_modules_by_value(weights: Path) -> None:
+    """Convolutions keep their torch names; unbiased linear layers are MatMuls on transposed
+    weights under names of the exporter's own, found by value."""
+    core = make_core(weights, runtime="onnxruntime")
+    unet = core.components["unet"].style_targets
+    conv = unet["down_blocks.1.attentions.0.proj_in"]
+    assert (conv.initializer, conv.transposed) == (
+        "unet.down_blocks.1.attentions.0.proj_in.weight",
+        False,
+    )
+    to_q = unet["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert to_q.initializer.startswith("onnx::MatMul_") and to_q.transposed
+    text = core.components["text_encoder"].style_targets
+    assert {f"encoder.layers.{i}.mlp.fc1" for i in range(5)} <= set(text)
+
+
+def test_a_style_the_onnx_files_cannot_take_is_refused_on_onnxruntime(
+    weights: Path, tmp_path: Path
+) -> None:
+    from sd_style_onnx import OnnxStyles
+    from sd_styles import Style
+
+    core = make_core(weights, runtime="onnxruntime")
+    save_file(
+        {"unet.time_proj.lora_A.weight": torch.zeros(4, 8)},
+        str(tmp_path / "lora.safetensors"),
+    )
+    style = Style("odd", "0", tmp_path, {"file": "lora.safetensors"})
+    with pytest.raises(InvalidRequest, match="adapts unet time_proj, which the exported ONNX"):
+        OnnxStyles(core.components).check(style)

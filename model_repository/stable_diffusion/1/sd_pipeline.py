@@ -111,8 +111,15 @@ def check_step_range(contract: GenerationContract, scheduler_config: dict[str, A
 
 
 def style_runtime(settings: RuntimeSettings, components: dict[str, Component]) -> Any:
-    """What applies styles on `settings.runtime`: PEFT adapters on torch; None elsewhere
-    (those runtimes refuse a request with a style, naming the runtime)."""
+    """What applies styles on `settings.runtime`: PEFT adapters on torch, initializer
+    overrides on onnxruntime; None elsewhere and where `style_memory_mb` is 0 (a request
+    with a style is then refused, naming the reason)."""
+    if not settings.style_memory_mb:
+        return None
+    if settings.runtime == "onnxruntime":
+        from sd_style_onnx import OnnxStyles
+
+        return OnnxStyles(components)
     if settings.runtime != "torch":
         return None
     from sd_style_torch import TorchStyles
@@ -128,9 +135,9 @@ class StableDiffusionCore:
     the generation contract (`sd_contract`), the values copied from the weights' manifest,
     the runtime settings (`sd_runtimes.RuntimeSettings`), `max_batch_pixels` (the most
     UNet pixels of one batch, see `batches`) and the safety check's settings
-    (`sd_safety.SafetySettings`) and `style_memory_mb` (`sd_styles`: the styles are those
+    (`sd_safety.SafetySettings`); with `style_memory_mb` (`sd_styles`), the styles are those
     published in the model folder's `styles/` beside the version folder that holds
-    `weights`); `max_batch_size` is the config's. Loading
+    `weights`. `max_batch_size` is the config's. Loading
     refuses, naming the file or parameter, weights that do not match `weights.schema.json`
     and a config that is incomplete, inconsistent or made for other weights.
     """
@@ -162,9 +169,13 @@ class StableDiffusionCore:
         self.styles = StyleLibrary(
             weights.resolve().parent.parent / STYLES_DIR,
             self.manifest["model"],
-            positive_integer(parameters, "style_memory_mb") * 2**20,
+            self.settings.style_memory_mb * 2**20,
             runtime,
-            self.settings.runtime,
+            unavailable=(
+                f"runtime {self.settings.runtime} applies no styles (onnxruntime and torch do)"
+                if self.settings.style_memory_mb
+                else "this model serves no styles (its style_memory_mb is 0)"
+            ),
         )
 
     @property

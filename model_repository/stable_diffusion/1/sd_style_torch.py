@@ -45,6 +45,9 @@ class TorchStyles:
         self.adapted: dict[str, set[str]] = {}  # style key -> the networks it adapts
         self.active: tuple[str, float] | None = None
 
+    def check(self, style: Style) -> None:
+        """Nothing to refuse: the export checked the style against these networks."""
+
     def load(self, style: Style, tensors: dict[str, torch.Tensor]) -> None:
         """Add the style's adapters, on the networks' device and in their dtype."""
         from diffusers import StableDiffusionPipeline

@@ -54,6 +54,10 @@ class Style:
 class StyleRuntime(Protocol):
     """What applies styles to the networks of one runtime."""
 
+    def check(self, style: Style) -> None:
+        """InvalidRequest when this runtime cannot apply `style`, saying why."""
+        ...
+
     def load(self, style: Style, tensors: dict[str, torch.Tensor]) -> None:
         """Make `style` available to `activate`."""
         ...
@@ -81,13 +85,16 @@ class StyleLibrary:
         model: Mapping[str, Any],
         budget_bytes: int,
         runtime: StyleRuntime | None,
-        runtime_name: str,
+        *,
+        unavailable: str = "",
     ) -> None:
+        """`unavailable` says why, where `runtime` is None: a request with a style is
+        refused with it."""
         self.folder = folder
         self.model = model
         self.budget_bytes = budget_bytes
         self.runtime = runtime
-        self.runtime_name = runtime_name
+        self.unavailable = unavailable
         self.resident: OrderedDict[str, tuple[Style, int]] = OrderedDict()  # least recent first
 
     def available(self) -> list[str]:
@@ -109,10 +116,7 @@ class StyleLibrary:
             available = ", ".join(self.available()) or "none"
             raise InvalidRequest(f"unknown style {name!r}; styles available: {available}")
         if self.runtime is None:
-            raise InvalidRequest(
-                f"style {name!r}: runtime {self.runtime_name} applies no styles; styles are "
-                "served on runtime torch"
-            )
+            raise InvalidRequest(f"style {name!r}: {self.unavailable}")
         folder = link.resolve()
         manifest = json.loads((folder / STYLE_FILE).read_text())
         base = manifest.get("base_model", {})
@@ -122,14 +126,16 @@ class StyleLibrary:
                 f"{base.get('version')}; this model serves {self.model['name']} version "
                 f"{self.model['version']}: import it again (python -m export style add)"
             )
-        return Style(name, str(manifest["version"]), folder, manifest)
+        style = Style(name, str(manifest["version"]), folder, manifest)
+        self.runtime.check(style)
+        return style
 
     def activate(self, style: Style | None, weight: float) -> None:
         """Run the networks with `style` at `weight` (None: no style), loading it first
         when it is not loaded and unloading the least recently used past the budget."""
         if self.runtime is None:
             if style is not None:
-                raise RuntimeError(f"runtime {self.runtime_name} applies no styles")
+                raise RuntimeError(f"style {style.name!r}: {self.unavailable}")
             return
         if style is not None:
             if style.key in self.resident:

@@ -79,6 +79,11 @@ def _add_tensorrt(sub: argparse._SubParsersAction) -> None:
     trt.add_argument("--timing-cache", type=Path, help="default var/tensorrt/timing.<gpu>.cache")
     trt.add_argument("--workspace-gib", type=float, default=4.0)
     trt.add_argument(
+        "--refittable",
+        action="store_true",
+        help="UNet and text encoder engines whose weights the model can refit (studio styles)",
+    )
+    trt.add_argument(
         "--dry-run",
         action="store_true",
         help="print the optimisation profiles that would be built; needs no TensorRT",
@@ -173,7 +178,10 @@ def run_tensorrt(args: argparse.Namespace) -> None:
         result = dry_run(planned)
     else:
         result = build_engines(
-            planned, timing_cache=args.timing_cache, workspace_gib=args.workspace_gib
+            planned,
+            timing_cache=args.timing_cache,
+            workspace_gib=args.workspace_gib,
+            refittable=args.refittable,
         )
     print(json.dumps(result, indent=2))
 

@@ -2,10 +2,12 @@
 loading for both layouts, weight 0 as no style, rows with different styles in one batch
 independent of each other, styles published and removed while the model runs (in-process
 and through a real Triton), the memory budget's least-recently-used unloading, and the
-requests refused (unknown style, weight out of bounds, a runtime that applies no styles)."""
+requests refused (unknown style, weight out of bounds, a runtime that applies no styles).
+TensorRT engines refitted with a style are checked only where TensorRT and a GPU exist."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from export.tiny_lora import write_test_loras
 from launcher.triton import Triton
 from tests.conftest import ROOT, make_core
 
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 PROMPT = "a frost-forged legendary axe in the studio's style"
 
 
@@ -300,3 +303,28 @@ def test_a_style_the_onnx_files_cannot_take_is_refused_on_onnxruntime(
     style = Style("odd", "0", tmp_path, {"file": "lora.safetensors"})
     with pytest.raises(InvalidRequest, match="adapts unet time_proj, which the exported ONNX"):
         OnnxStyles(core.components).check(style)
+
+
+@pytest.mark.skipif(
+    not (HAS_TENSORRT and torch.cuda.is_available()),
+    reason="refitting engines with a style needs TensorRT and a CUDA GPU; neither is here (it "
+    "runs where `python -m export tensorrt` builds engines, as on deploy.yml's T4 runner)",
+)
+def test_refitted_engines_serve_a_style_like_onnxruntime(
+    repository: Path, lora_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from export.__main__ import main as export_main
+
+    copy = Path(shutil.copytree(repository, tmp_path / "repo", symlinks=True))
+    weights = copy / "stable_diffusion" / "1" / "weights"
+    args = ["--repository", str(copy), "--max-batch-size", "2", "--refittable"]
+    assert export_main(["tensorrt", *args]) == 0
+    add_style(copy, "ember", lora_files["kohya"])
+    engines = make_core(weights, runtime="tensorrt", max_batch_size=2)
+    reference = make_core(weights, runtime="onnxruntime")
+    plain = one(engines)
+    styled = one(engines, style="ember", style_weight=0.8)
+    want = one(reference, style="ember", style_weight=0.8)
+    assert np.abs(styled.astype(int) - want.astype(int)).mean() < 8  # fp16 vs fp32
+    assert levels(styled, plain) > 8
+    assert np.array_equal(one(engines), plain)  # refitted back to the exported weights

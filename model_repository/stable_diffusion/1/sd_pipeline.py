@@ -110,12 +110,22 @@ def check_step_range(contract: GenerationContract, scheduler_config: dict[str, A
                 ) from exc
 
 
-def style_runtime(settings: RuntimeSettings, components: dict[str, Component]) -> Any:
+def style_runtime(
+    settings: RuntimeSettings,
+    components: dict[str, Component],
+    weights: Path,
+    manifest: dict[str, Any],
+) -> Any:
     """What applies styles on `settings.runtime`: PEFT adapters on torch, initializer
-    overrides on onnxruntime; None elsewhere and where `style_memory_mb` is 0 (a request
-    with a style is then refused, naming the reason)."""
+    overrides on onnxruntime, engine refits on tensorrt; None on onnxruntime_cuda and where
+    `style_memory_mb` is 0 (a request with a style is then refused, naming the reason)."""
     if not settings.style_memory_mb:
         return None
+    if settings.runtime == "tensorrt":
+        from sd_style_onnx import style_targets
+        from sd_style_tensorrt import TensorRTStyles
+
+        return TensorRTStyles(components, style_targets(weights, manifest))
     if settings.runtime == "onnxruntime":
         from sd_style_onnx import OnnxStyles
 
@@ -165,14 +175,17 @@ class StableDiffusionCore:
         self.safety: SafetyChecker | None = load_safety_checker(
             weights, self.manifest, SafetySettings.from_config(parameters), self.settings
         )
-        runtime: StyleRuntime | None = style_runtime(self.settings, self.components)
+        runtime: StyleRuntime | None = style_runtime(
+            self.settings, self.components, weights, self.manifest
+        )
         self.styles = StyleLibrary(
             weights.resolve().parent.parent / STYLES_DIR,
             self.manifest["model"],
             self.settings.style_memory_mb * 2**20,
             runtime,
             unavailable=(
-                f"runtime {self.settings.runtime} applies no styles (onnxruntime and torch do)"
+                f"runtime {self.settings.runtime} applies no styles (onnxruntime, torch and "
+                "tensorrt do)"
                 if self.settings.style_memory_mb
                 else "this model serves no styles (its style_memory_mb is 0)"
             ),

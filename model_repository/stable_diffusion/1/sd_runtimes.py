@@ -78,8 +78,7 @@ class RuntimeSettings:
         budget = parameters["style_memory_mb"]
         if not (budget.isascii() and budget.isdigit()):
             raise ConfigError(
-                f"model config parameter style_memory_mb {budget!r} is not an integer of 0 "
-                "or more"
+                f"model config parameter style_memory_mb {budget!r} is not an integer of 0 or more"
             )
         return cls(parameters["runtime"], threads, parameters["torch_compile"], int(budget))
 

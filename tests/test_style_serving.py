@@ -8,6 +8,7 @@ TensorRT engines refitted with a style are checked only where TensorRT and a GPU
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -207,6 +208,13 @@ def test_bad_style_requests_are_refused(weights: Path, styles: Path) -> None:
         core.row(request(style_weight=0.5))
     with pytest.raises(InvalidRequest, match=r"unknown style '\.\./ember'"):
         core.row(request(style="../ember"))
+    manifest_file = styles / "stable_diffusion" / "styles" / "ember" / "style.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["base_model"]["version"] = "0123456789ab"  # imported for other weights
+    manifest_file.write_text(json.dumps(manifest))
+    served = make_core(weights, runtime="onnxruntime")
+    with pytest.raises(InvalidRequest, match="was imported for forge-tiny-sd version 0123456789ab"):
+        served.row(request(style="ember"))
 
 
 @pytest.fixture(scope="module")

@@ -112,13 +112,16 @@ class StyleLibrary:
         available when there is none, when it was made for other weights, or when this
         runtime applies no styles."""
         link = self.folder / name
-        if "/" in name or name.startswith(".") or not (link / STYLE_FILE).is_file():
+        try:
+            if "/" in name or name.startswith(".") or not link.is_symlink():
+                raise FileNotFoundError(link)
+            folder = link.resolve(strict=True)
+            manifest = json.loads((folder / STYLE_FILE).read_text())
+        except OSError:  # never published, or removed: even between these two reads
             available = ", ".join(self.available()) or "none"
-            raise InvalidRequest(f"unknown style {name!r}; styles available: {available}")
+            raise InvalidRequest(f"unknown style {name!r}; styles available: {available}") from None
         if self.runtime is None:
             raise InvalidRequest(f"style {name!r}: {self.unavailable}")
-        folder = link.resolve()
-        manifest = json.loads((folder / STYLE_FILE).read_text())
         base = manifest.get("base_model", {})
         if manifest.get("format") != STYLE_FORMAT or base.get("version") != self.model["version"]:
             raise InvalidRequest(

@@ -88,9 +88,9 @@ def check_safetensors_layout(path: Path) -> None:
             )
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ExportError(f"{path} is not a safetensors file: {exc}") from exc
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            ends = [int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"]
+        except (UnicodeDecodeError, ValueError, AttributeError, LookupError, TypeError) as exc:
+            raise ExportError(f"{path} is not a safetensors file: {exc!r}") from exc
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
         raise ExportError(

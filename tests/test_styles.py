@@ -234,3 +234,11 @@ def test_the_command_line_adds_lists_and_removes(
     assert main(["style", "remove", "--name", "ember", *args]) == 0
     assert main(["style", "remove", "--name", "ember", *args]) == 2
     assert "no style named 'ember'" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_safetensors_is_refused(repo: Path, tmp_path: Path) -> None:
+    file = tmp_path / "notes.safetensors"
+    file.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]")  # a header that is no mapping
+    assert "is not a safetensors file" in refused(repo, file)
+    file.write_bytes(b"lora")
+    assert "is not a safetensors file: 4 bytes, no header" in refused(repo, file)

@@ -3,10 +3,12 @@
 `stable_diffusion/styles/<name>` (a symlink, swapped in one rename) points at
 `styles/.versions/<name>-<version>-<random>/`, which holds `lora.safetensors` (the LoRA in
 `lora_files`' one form: PEFT keys named as the base model's modules, scale folded into
-lora_B) and `style.json`: the name, the content version (a hash of the converted tensors),
-rank, alphas, source format, module count and the base model's name and version. A LoRA is
-refused unless every module it adapts exists in the published base model with a weight its
-matrices fit (a LoRA trained for another architecture fails here, naming a module).
+lora_B) and `style.json` (`$defs/style` of the model's weights schema, checked before it is
+published; the schema names both files): the name, the content version (a hash of the
+converted tensors), rank, alphas, source format, module count and the base model's name
+and version. A LoRA is refused unless every module it adapts exists in the published base
+model with a weight its matrices fit (a LoRA trained for another architecture fails here,
+naming a module).
 """
 
 from __future__ import annotations
@@ -25,13 +27,11 @@ import torch
 
 from export.errors import ExportError
 from export.lora_files import LORA_A, LORA_B, LoraWeights, read_lora
+from export.weights_schema import STYLE, WeightsSchema
 
 MODEL_NAME = "stable_diffusion"
 STYLES_DIR = "styles"
 VERSIONS_DIR = ".versions"
-STYLE_FILE = "style.json"
-LORA_FILE = "lora.safetensors"
-STYLE_FORMAT = 1
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -124,13 +124,15 @@ def published_weights(repository: Path) -> Path:
     return weights
 
 
-def style_manifest(name: str, lora: LoraWeights, version: str, base: dict[str, Any]) -> dict:
-    """style.json's content."""
+def style_manifest(
+    schema: WeightsSchema, name: str, lora: LoraWeights, version: str, base: dict[str, Any]
+) -> dict:
+    """style.json's content (`$defs/style` of the model's weights schema)."""
     return {
-        "format": STYLE_FORMAT,
+        "format": schema.format_of(STYLE),
         "name": name,
         "version": version,
-        "file": LORA_FILE,
+        "file": schema.style_weights_file,
         "rank": lora.rank,
         "alphas": list(lora.alphas),
         "source_format": lora.source_format,
@@ -167,14 +169,17 @@ def add_style(repository: Path, name: str, lora_file: Path) -> dict[str, Any]:
     lora = read_lora(lora_file)
     tensors = match_base(lora, weights, lora_file)
     version = tensors_version(tensors)
-    manifest = style_manifest(name, lora, version, base)
+    schema = WeightsSchema.of_model(repository / MODEL_NAME)
+    manifest = style_manifest(schema, name, lora, version, base)
     styles = repository / MODEL_NAME / STYLES_DIR
     (styles / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
     staging = styles / VERSIONS_DIR / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        save_file(tensors, str(staging / LORA_FILE), metadata={"style": name})
-        (staging / STYLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        save_file(tensors, str(staging / schema.style_weights_file), metadata={"style": name})
+        manifest_file = staging / schema.style_manifest_file
+        schema.check(STYLE, manifest, manifest_file)
+        manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
         publish_style(styles, name, staging, version)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -188,10 +193,11 @@ def list_styles(repository: Path) -> list[dict[str, Any]]:
     styles = repository / MODEL_NAME / STYLES_DIR
     if not styles.is_dir():
         return []
+    manifest_file = WeightsSchema.of_model(repository / MODEL_NAME).style_manifest_file
     return [
-        json.loads((link / STYLE_FILE).read_text())
+        json.loads((link / manifest_file).read_text())
         for link in sorted(styles.iterdir())
-        if link.is_symlink() and (link / STYLE_FILE).is_file()
+        if link.is_symlink() and (link / manifest_file).is_file()
     ]
 
 

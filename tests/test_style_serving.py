@@ -215,6 +215,10 @@ def test_bad_style_requests_are_refused(weights: Path, styles: Path) -> None:
     served = make_core(weights, runtime="onnxruntime")
     with pytest.raises(InvalidRequest, match="was imported for forge-tiny-sd version 0123456789ab"):
         served.row(request(style="ember"))
+    manifest["format"] = 2  # written by a newer export
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(InvalidRequest, match=r"cannot be served: .* this model reads format 1"):
+        served.row(request(style="ember"))
 
 
 @pytest.fixture(scope="module")

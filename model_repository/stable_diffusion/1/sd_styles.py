@@ -2,7 +2,8 @@
 model folder's `styles/`, found by name at request time and kept loaded within a budget.
 
 `styles/<name>` is a link to a folder holding `style.json` (name, content version, base
-model) and `lora.safetensors` (PEFT keys `<component>.<module>.lora_A.weight` and
+model; `$defs/style` of `weights.schema.json`, validated at every lookup) and
+`lora.safetensors` (PEFT keys `<component>.<module>.lora_A.weight` and
 `.lora_B.weight`, the scale folded into lora_B). The folder is read at every lookup (a
 directory listing and a link), so a style published or removed while the model runs is seen
 by the next request, without a reload; a style republished under its name resolves to its
@@ -15,7 +16,6 @@ style used least recently.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,10 +24,9 @@ from typing import Any, Protocol
 
 import torch
 from sd_requests import InvalidRequest
+from sd_weights import WeightsError, load_style_manifest, weights_file
 
 STYLES_DIR = "styles"
-STYLE_FILE = "style.json"
-STYLE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,9 @@ class StyleLibrary:
         return sorted(
             p.name
             for p in self.folder.iterdir()
-            if p.is_symlink() and not p.name.startswith(".") and (p / STYLE_FILE).is_file()
+            if p.is_symlink()
+            and not p.name.startswith(".")
+            and (p / weights_file("style_manifest")).is_file()
         )
 
     def find(self, name: str) -> Style:
@@ -116,17 +117,20 @@ class StyleLibrary:
             if "/" in name or name.startswith(".") or not link.is_symlink():
                 raise FileNotFoundError(link)
             folder = link.resolve(strict=True)
-            manifest = json.loads((folder / STYLE_FILE).read_text())
-        except OSError:  # never published, or removed: even between these two reads
+        except OSError:  # never published, or removed
             available = ", ".join(self.available()) or "none"
             raise InvalidRequest(f"unknown style {name!r}; styles available: {available}") from None
+        try:
+            manifest = load_style_manifest(folder)
+        except WeightsError as exc:
+            raise InvalidRequest(f"style {name!r} cannot be served: {exc}") from None
         if self.runtime is None:
             raise InvalidRequest(f"style {name!r}: {self.unavailable}")
-        base = manifest.get("base_model", {})
-        if manifest.get("format") != STYLE_FORMAT or base.get("version") != self.model["version"]:
+        base = manifest["base_model"]
+        if base["version"] != self.model["version"]:
             raise InvalidRequest(
-                f"style {name!r} was imported for {base.get('name')} version "
-                f"{base.get('version')}; this model serves {self.model['name']} version "
+                f"style {name!r} was imported for {base['name']} version "
+                f"{base['version']}; this model serves {self.model['name']} version "
                 f"{self.model['version']}: import it again (python -m export style add)"
             )
         style = Style(name, str(manifest["version"]), folder, manifest)

@@ -165,7 +165,10 @@ def test_styles_published_and_removed_while_running(
         core.row(request(style="fresh"))
     add_style(styles, "fresh", lora_files["peft"])
     first = one(core, style="fresh")
+    before = core.row(request(style="fresh"))
     add_style(styles, "fresh", lora_files["other"])  # republished: new weights, same name
+    after = core.row(request(style="fresh"))
+    assert len(core.batches([before, after])) == 2  # each row keeps the style it found
     assert np.array_equal(one(core, style="fresh"), one(core, style="other"))
     assert not np.array_equal(first, one(core, style="fresh"))
     remove_style(styles, "fresh")

@@ -273,9 +273,11 @@ class StableDiffusionCore:
         `max_batch_pixels` of UNet pixels (`ResolvedRequest.unet_pixels`: a guided row counts
         twice); a row over the budget by itself is a batch of its own.
         """
-        groups: dict[GroupKey, list[int]] = defaultdict(list)
+        # A style republished between two rows' lookups is two styles: the key holds its
+        # content version too.
+        groups: dict[tuple[GroupKey, str | None], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
-            groups[row.request.group_key].append(i)
+            groups[row.request.group_key, None if row.style is None else row.style.key].append(i)
         return [
             [indices[j] for j in part]
             for indices in groups.values()

@@ -59,9 +59,7 @@ def positive_integer(parameters: Mapping[str, str], name: str) -> int:
 class RuntimeSettings:
     """How the networks run: from the model config's parameters `runtime`,
     `intra_op_threads`, `torch_compile` and `style_memory_mb` (no defaults: config.pbtxt
-    sets each). `style_memory_mb` 0 serves no styles: on onnxruntime the sessions are then
-    made without overridable initializers (`sd_style_onnx`), which ONNX Runtime can
-    pre-pack."""
+    sets each). `style_memory_mb` 0 serves no styles."""
 
     runtime: str
     threads: int
@@ -140,8 +138,11 @@ class OnnxRuntimeComponent:
     """One ONNX file in an ONNX Runtime CPU session (numpy views of CPU tensors, no copy).
 
     `style_targets` (module name -> `sd_style_onnx.Target`) are the weights a style may
-    change: their initializers are overridable, and every call feeds `overrides` (initializer
-    name -> array; empty: the exported weights)."""
+    change, and `overrides` (initializer name -> array) the values a style gives them now.
+    Without overrides a call runs the plain session, whose weights ONNX Runtime pre-packs;
+    with them, a second session whose style targets are overridable initializers (which
+    ONNX Runtime cannot pre-pack: a call is slower), made at the first styled call, so a
+    deployment that serves no style pays neither its memory nor its speed."""
 
     device = torch.device("cpu")
 
@@ -153,12 +154,11 @@ class OnnxRuntimeComponent:
         threads: int,
         style_targets: dict[str, Any] | None = None,
     ) -> None:
+        self.path, self.threads = folder / spec["file"], threads
         self.style_targets = style_targets or {}
         self.overrides: dict[str, np.ndarray] = {}
-        overridable = {t.initializer for t in self.style_targets.values()}
-        self.session = ort_session(
-            folder / spec["file"], threads, ["CPUExecutionProvider"], overridable
-        )
+        self.session = ort_session(self.path, threads, ["CPUExecutionProvider"])
+        self._styled_session: Any = None
         self.input_names = [t["name"] for t in spec["inputs"]]
         self.input_dtypes = [np.dtype(t["dtype"]) for t in spec["inputs"]]
         self.output_name = spec["outputs"][0]["name"]
@@ -169,8 +169,20 @@ class OnnxRuntimeComponent:
             name: np.ascontiguousarray(x.numpy(), dtype=dtype)
             for name, dtype, x in zip(self.input_names, self.input_dtypes, inputs, strict=True)
         }
-        feed.update(self.overrides)
-        return torch.from_numpy(self.session.run([self.output_name], feed)[0])
+        session = self.session
+        if self.overrides:
+            session = self.styled_session()
+            feed.update(self.overrides)
+        return torch.from_numpy(session.run([self.output_name], feed)[0])
+
+    def styled_session(self) -> Any:
+        """The session whose style targets a run may override (made once, when first asked)."""
+        if self._styled_session is None:
+            overridable = {t.initializer for t in self.style_targets.values()}
+            self._styled_session = ort_session(
+                self.path, self.threads, ["CPUExecutionProvider"], overridable
+            )
+        return self._styled_session
 
 
 class OnnxRuntimeCudaComponent:

@@ -1,4 +1,4 @@
-"""Command line: `python -m export {tiny,onnx,config,tensorrt} ...`."""
+"""Command line: `python -m export {tiny,onnx,config,tensorrt,style} ...`."""
 
 from __future__ import annotations
 
@@ -79,17 +79,39 @@ def _add_tensorrt(sub: argparse._SubParsersAction) -> None:
     trt.add_argument("--timing-cache", type=Path, help="default var/tensorrt/timing.<gpu>.cache")
     trt.add_argument("--workspace-gib", type=float, default=4.0)
     trt.add_argument(
+        "--refittable",
+        action="store_true",
+        help="UNet and text encoder engines whose weights the model can refit (studio styles)",
+    )
+    trt.add_argument(
         "--dry-run",
         action="store_true",
         help="print the optimisation profiles that would be built; needs no TensorRT",
     )
 
 
+def _add_style(sub: argparse._SubParsersAction) -> None:
+    style = sub.add_parser(
+        "style", help="studio styles (LoRA safetensors) checked against the exported model"
+    )
+    actions = style.add_subparsers(dest="style_command", required=True)
+    add = actions.add_parser("add", help="check a LoRA and publish it as a style")
+    add.add_argument("--name", required=True, help="the style's name, as requests give it")
+    add.add_argument(
+        "--file", type=Path, required=True, help="LoRA safetensors (diffusers/PEFT or kohya)"
+    )
+    remove = actions.add_parser("remove", help="unpublish a style")
+    remove.add_argument("--name", required=True)
+    actions.add_parser("list", help="the published styles' manifests")
+    for action in (add, remove, actions.choices["list"]):
+        action.add_argument("--repository", type=Path, default=Path("model_repository"))
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line's parser, one subcommand per export step."""
     root = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
-    for add in (_add_tiny, _add_onnx, _add_config, _add_tensorrt):
+    for add in (_add_tiny, _add_onnx, _add_config, _add_tensorrt, _add_style):
         add(sub)
     return root
 
@@ -156,9 +178,25 @@ def run_tensorrt(args: argparse.Namespace) -> None:
         result = dry_run(planned)
     else:
         result = build_engines(
-            planned, timing_cache=args.timing_cache, workspace_gib=args.workspace_gib
+            planned,
+            timing_cache=args.timing_cache,
+            workspace_gib=args.workspace_gib,
+            refittable=args.refittable,
         )
     print(json.dumps(result, indent=2))
+
+
+def run_style(args: argparse.Namespace) -> None:
+    """`style add|list|remove`: print the added style's manifest, the list, or the name."""
+    from export.styles import add_style, list_styles, remove_style
+
+    if args.style_command == "add":
+        print(json.dumps(add_style(args.repository, args.name, args.file), indent=2))
+    elif args.style_command == "list":
+        print(json.dumps(list_styles(args.repository), indent=2))
+    else:
+        remove_style(args.repository, args.name)
+        print(f"removed style {args.name}")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
@@ -166,6 +204,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "onnx": run_onnx,
     "config": run_config,
     "tensorrt": run_tensorrt,
+    "style": run_style,
 }
 
 

@@ -175,6 +175,8 @@ def build_engine(
     built_profiles: list[Profile],
     timing_cache: Path,
     workspace_bytes: int,
+    *,
+    refittable: bool = False,
 ) -> bytes:
     """Serialized fp16 engine for `onnx_file` (TensorRT 10 Python API). Runs only where
     TensorRT and a CUDA GPU exist; this repository's CI has neither.
@@ -184,6 +186,8 @@ def build_engine(
     always explicit-batch (the EXPLICIT_BATCH flag is deprecated and ignored), so the
     creation flags are 0. The timing cache is read before and written after each build, so
     later builds (other components, other sizes, a rebuild) reuse the measured tactics.
+    `refittable` sets the REFIT flag: the model can then refit the engine's weights in place
+    (`trt.Refitter`), which is how it applies studio styles on runtime tensorrt.
     """
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -195,6 +199,8 @@ def build_engine(
         raise ExportError(f"TensorRT cannot parse {onnx_file}: {errors}")
     config = builder.create_builder_config()
     config.set_flag(trt.BuilderFlag.FP16)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -256,10 +262,19 @@ def dry_run(planned: EnginePlan) -> dict[str, Any]:
     }
 
 
+# The networks a studio style adapts: refittable engines for these with --refittable.
+STYLED_COMPONENTS = ("unet", "text_encoder")
+
+
 def build_engines(
-    planned: EnginePlan, *, timing_cache: Path | None = None, workspace_gib: float = 4.0
+    planned: EnginePlan,
+    *,
+    timing_cache: Path | None = None,
+    workspace_gib: float = 4.0,
+    refittable: bool = False,
 ) -> dict[str, Any]:
     """Build every component's engine for this GPU; write and return the engine manifest.
+    With `refittable`, the UNet's and text encoder's engines can take a style's weights.
 
     The manifest is validated before the first (long) build, and written after the last.
     """
@@ -292,6 +307,7 @@ def build_engines(
             all_profiles[spec.name],
             cache,
             int(workspace_gib * (1 << 30)),
+            refittable=refittable and spec.name in STYLED_COMPONENTS,
         )
         write_atomic(engines_dir / files[spec.name], plan_bytes)
     write_atomic(manifest_file, (json.dumps(engine_manifest, indent=2) + "\n").encode())

@@ -22,7 +22,8 @@ from referencing.jsonschema import DRAFT202012
 from export.errors import ExportError
 
 SCHEMA_FILE = "weights.schema.json"
-MANIFEST, ENGINES = "manifest", "engines"  # the two documents the schema describes ($defs)
+# The documents the schema describes ($defs): the weights and engine manifests, a style's.
+MANIFEST, ENGINES, STYLE = "manifest", "engines", "style"
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,22 @@ class WeightsSchema:
         """The engine manifest's name in the engines folder."""
         return self._file("engine_manifest")
 
+    @property
+    def style_manifest_file(self) -> str:
+        """A style's manifest's name in its folder."""
+        return self._file("style_manifest")
+
+    @property
+    def style_weights_file(self) -> str:
+        """A style's tensors' file name in its folder."""
+        return self._file("style_weights")
+
     def plan_file(self, component: str, gpu_key: str) -> str:
         """A TensorRT plan's name in the engines folder."""
         return self._file("engine_plan").format(component=component, gpu_key=gpu_key)
 
     def format_of(self, document: str) -> int:
-        """The format version the schema requires of `document` (manifest or engines)."""
+        """The format version the schema requires of `document` (manifest, engines, style)."""
         return int(self.schema["$defs"][document]["properties"]["format"]["const"])
 
     def check(self, document: str, data: dict[str, Any], file: Path) -> None:

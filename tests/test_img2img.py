@@ -229,7 +229,7 @@ def test_an_image_without_strength_gets_the_default_and_its_own_size(
         "euler_ancestral, 6 steps, 160x96, image to image at strength 0.75"
     )
     text = core.row(request(image=None, strength=None))
-    assert text.request.strength is None and text.request.group_key[4:] == (False, None)
+    assert text.request.strength is None and text.request.group_key[4:6] == (False, None)
 
 
 @pytest.mark.parametrize(

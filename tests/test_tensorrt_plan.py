@@ -254,10 +254,25 @@ def test_a_build_writes_plans_and_an_engine_manifest_the_model_reads(
     """The whole build with TensorRT and the GPU stood in for: names, validated manifest,
     and the model's refusal of the engines on another GPU."""
     monkeypatch.setattr(tensorrt_build, "require_tensorrt", lambda: (object(), T4))
-    monkeypatch.setattr(tensorrt_build, "build_engine", lambda trt, onnx, *a: onnx.name.encode())
+    refittable_by_file: dict[str, bool] = {}
+
+    def build(trt: Any, onnx: Path, *args: Any, refittable: bool) -> bytes:
+        refittable_by_file[onnx.name] = refittable
+        return onnx.name.encode()
+
+    monkeypatch.setattr(tensorrt_build, "build_engine", build)
     weights = engines_repository / "stable_diffusion" / "1" / "weights"
     planned = plan_engines(engines_repository, max_batch_size=2, sizes=[(128, 128)])
-    written = tensorrt_build.build_engines(planned, timing_cache=engines_repository / "cache")
+    written = tensorrt_build.build_engines(
+        planned, timing_cache=engines_repository / "cache", refittable=True
+    )
+    # Styles refit the networks they adapt: those engines only are built refittable.
+    assert refittable_by_file == {
+        "text_encoder.onnx": True,
+        "unet.onnx": True,
+        "vae_decoder.onnx": False,
+        "vae_encoder.onnx": False,
+    }
     engines = weights / "engines"
     assert sorted(p.name for p in engines.iterdir()) == [
         "engines.json",

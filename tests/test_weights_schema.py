@@ -41,7 +41,14 @@ def test_the_schema_is_json_schema_2020_12_beside_the_model() -> None:
     s = schema()
     Draft202012Validator.check_schema(s)
     assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert set(s["x-files"]) == {"manifest", "engines_dir", "engine_manifest", "engine_plan"}
+    assert set(s["x-files"]) == {
+        "manifest",
+        "engines_dir",
+        "engine_manifest",
+        "engine_plan",
+        "style_manifest",
+        "style_weights",
+    }
 
 
 def test_what_the_export_writes_validates(weights: Path) -> None:

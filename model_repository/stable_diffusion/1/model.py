@@ -66,6 +66,8 @@ OPTIONAL_INPUTS: dict[str, Callable[[Any], Any]] = {
     "height": int,
     "scheduler": lambda v: _text(v, "scheduler"),
     "strength": _decimal,
+    "style": lambda v: _text(v, "style"),
+    "style_weight": _decimal,
 }
 
 

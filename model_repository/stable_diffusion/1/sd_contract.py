@@ -96,7 +96,7 @@ class GenerationContract:
 
     Always consistent: construction refuses a default outside its bounds, a default
     scheduler not offered, an offered scheduler the core does not support, a default size
-    the size rules forbid, or strengths outside 0..1.
+    the size rules forbid, strengths outside 0..1, or a negative style weight.
     """
 
     schedulers: tuple[str, ...]
@@ -115,6 +115,9 @@ class GenerationContract:
     min_strength: float
     max_strength: float
     default_strength: float
+    min_style_weight: float
+    max_style_weight: float
+    default_style_weight: float
     max_prompt_chars: int
     max_prompt_tokens: int
     prompt_overflow: str
@@ -152,6 +155,9 @@ class GenerationContract:
             min_strength=p.number("min_strength"),
             max_strength=p.number("max_strength"),
             default_strength=p.number("default_strength"),
+            min_style_weight=p.number("min_style_weight"),
+            max_style_weight=p.number("max_style_weight"),
+            default_style_weight=p.number("default_style_weight"),
             max_prompt_chars=p.integer("max_prompt_chars"),
             max_prompt_tokens=p.integer("max_prompt_tokens"),
             prompt_overflow=p.text("prompt_overflow"),
@@ -189,6 +195,8 @@ class GenerationContract:
         _at_least("min_strength", self.min_strength, 0)
         strengths = self._named("min_strength", "default_strength", "max_strength")
         _ordered(*strengths, ("full strength", 1.0))
+        _at_least("min_style_weight", self.min_style_weight, 0)
+        _ordered(*self._named("min_style_weight", "default_style_weight", "max_style_weight"))
         _ordered(*self._named("max_seed"), ("INT64 max", INT64_MAX))
         if self.prompt_overflow not in PROMPT_OVERFLOW:
             raise ConfigError(
@@ -231,6 +239,7 @@ class GenerationContract:
                 f"unknown scheduler {scheduler!r}; choose from {', '.join(self.schedulers)}"
             )
         strength = self._strength(r, steps)
+        style, style_weight = self._style(r)
         return ResolvedRequest(
             prompt=r.prompt,
             negative_prompt=negative,
@@ -243,7 +252,29 @@ class GenerationContract:
             guided=guidance > self.unguided_at_most,
             image=r.image,
             strength=strength,
+            style=style,
+            style_weight=style_weight,
         )
+
+    def _style(self, r: GenerationRequest) -> tuple[str | None, float]:
+        """The style and its weight (the default when not given); (None, 0.0) without a
+        style or at weight 0. InvalidRequest for a weight without a style, or out of bounds.
+        Whether the style exists is the style library's to say."""
+        if r.style is None or r.style == "":
+            if r.style_weight is not None:
+                raise InvalidRequest(
+                    f"style_weight {r.style_weight} applies to a style; this request has none"
+                )
+            return None, 0.0
+        weight = self.default_style_weight if r.style_weight is None else r.style_weight
+        if not (math.isfinite(weight) and self.min_style_weight <= weight <= self.max_style_weight):
+            raise InvalidRequest(
+                f"style_weight {weight} is outside "
+                f"[{self.min_style_weight}, {self.max_style_weight}]"
+            )
+        if weight == 0:
+            return None, 0.0
+        return r.style, weight
 
     def _image_size(self, r: GenerationRequest) -> tuple[int, int] | None:
         """The input image's (width, height), or None without one; InvalidRequest for an

@@ -50,6 +50,7 @@ from sd_requests import (
 )
 from sd_runtimes import Component, RuntimeSettings, load_components, positive_integer
 from sd_safety import SafetyChecker, SafetySettings, load_safety_checker
+from sd_styles import STYLES_DIR, StyleLibrary, StyleRuntime
 from sd_weights import Shape, input_shapes, load_manifest
 from transformers import CLIPTokenizer
 
@@ -109,6 +110,34 @@ def check_step_range(contract: GenerationContract, scheduler_config: dict[str, A
                 ) from exc
 
 
+def style_runtime(
+    settings: RuntimeSettings,
+    components: dict[str, Component],
+    weights: Path,
+    manifest: dict[str, Any],
+) -> Any:
+    """What applies styles on `settings.runtime`: PEFT adapters on torch, initializer
+    overrides on onnxruntime, engine refits on tensorrt; None on onnxruntime_cuda and where
+    `style_memory_mb` is 0 (a request with a style is then refused, naming the reason)."""
+    if not settings.style_memory_mb:
+        return None
+    if settings.runtime == "tensorrt":
+        from sd_style_onnx import style_targets
+        from sd_style_tensorrt import TensorRTStyles
+
+        return TensorRTStyles(components, style_targets(weights, manifest))
+    if settings.runtime == "onnxruntime":
+        from sd_style_onnx import OnnxStyles
+
+        return OnnxStyles(components)
+    if settings.runtime != "torch":
+        return None
+    from sd_style_torch import TorchStyles
+
+    unet, text_encoder = components["unet"], components["text_encoder"]
+    return TorchStyles(unet.module, text_encoder.module)  # type: ignore[attr-defined]
+
+
 class StableDiffusionCore:
     """The model: weights, contract and runtime from the model config, images from requests.
 
@@ -116,7 +145,9 @@ class StableDiffusionCore:
     the generation contract (`sd_contract`), the values copied from the weights' manifest,
     the runtime settings (`sd_runtimes.RuntimeSettings`), `max_batch_pixels` (the most
     UNet pixels of one batch, see `batches`) and the safety check's settings
-    (`sd_safety.SafetySettings`); `max_batch_size` is the config's. Loading
+    (`sd_safety.SafetySettings`); with `style_memory_mb` (`sd_styles`), the styles are those
+    published in the model folder's `styles/` beside the version folder that holds
+    `weights`. `max_batch_size` is the config's. Loading
     refuses, naming the file or parameter, weights that do not match `weights.schema.json`
     and a config that is incomplete, inconsistent or made for other weights.
     """
@@ -144,6 +175,21 @@ class StableDiffusionCore:
         self.safety: SafetyChecker | None = load_safety_checker(
             weights, self.manifest, SafetySettings.from_config(parameters), self.settings
         )
+        runtime: StyleRuntime | None = style_runtime(
+            self.settings, self.components, weights, self.manifest
+        )
+        self.styles = StyleLibrary(
+            weights.resolve().parent.parent / STYLES_DIR,
+            self.manifest["model"],
+            self.settings.style_memory_mb * 2**20,
+            runtime,
+            unavailable=(
+                f"runtime {self.settings.runtime} applies no styles (onnxruntime, torch and "
+                "tensorrt do)"
+                if self.settings.style_memory_mb
+                else "this model serves no styles (its style_memory_mb is 0)"
+            ),
+        )
 
     @property
     def model_name(self) -> str:
@@ -169,7 +215,11 @@ class StableDiffusionCore:
             self._check_tokens("prompt", resolved.prompt)
             self._check_tokens("negative_prompt", resolved.negative_prompt)
         self._check_engine_profiles(resolved.height, resolved.width)
-        return make_row(resolved, self.scheduler_config, is_cancelled, on_step)
+        # A style name must name a published style, even at weight 0 (which applies none).
+        style = self.styles.find(request.style) if request.style else None
+        row = make_row(resolved, self.scheduler_config, is_cancelled, on_step)
+        row.style = style if resolved.style is not None else None
+        return row
 
     def _check_engine_profiles(self, height: int, width: int) -> None:
         """TensorRT engines serve only the sizes their profiles hold: say so up front."""
@@ -217,15 +267,17 @@ class StableDiffusionCore:
         """How `generate_outcomes` runs `rows`: lists of row indices, each denoised together
         (one UNet call per step) and decoded together.
 
-        Rows share a batch only when they share scheduler, steps, size and, for input
-        images, strength (a group: `ResolvedRequest.group_key`; groups in order of first
-        appearance). A group is split so that no batch holds more than `max_batch_pixels` of
-        UNet pixels (`ResolvedRequest.unet_pixels`: a guided row counts twice); a row over the
-        budget by itself is a batch of its own.
+        Rows share a batch only when they share scheduler, steps, size, style and style
+        weight and, for input images, strength (a group: `ResolvedRequest.group_key`; groups
+        in order of first appearance). A group is split so that no batch holds more than
+        `max_batch_pixels` of UNet pixels (`ResolvedRequest.unet_pixels`: a guided row counts
+        twice); a row over the budget by itself is a batch of its own.
         """
-        groups: dict[GroupKey, list[int]] = defaultdict(list)
+        # A style republished between two rows' lookups is two styles: the key holds its
+        # content version too.
+        groups: dict[tuple[GroupKey, str | None], list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
-            groups[row.request.group_key].append(i)
+            groups[row.request.group_key, None if row.style is None else row.style.key].append(i)
         return [
             [indices[j] for j in part]
             for indices in groups.values()
@@ -302,6 +354,7 @@ class StableDiffusionCore:
         """Denoise and decode one batch (rows of one group): an image per row, None where
         the row was cancelled."""
         latent_shape = self._latent_shape(rows[0].request.height, rows[0].request.width)
+        self.styles.activate(rows[0].style, rows[0].request.style_weight)  # one per batch
         texts = [r.request.prompt for r in rows] + [
             r.request.negative_prompt for r in rows if r.request.guided
         ]

@@ -53,8 +53,9 @@ class InvalidRequest(ValueError):
 
 
 # Rows with the same key can share every UNet call: scheduler, steps, height, width, whether
-# they start from an input image, and its strength (None without an image).
-GroupKey = tuple[str, int, int, int, bool, float | None]
+# they start from an input image, its strength (None without an image), and the style with
+# its weight (None and 0 without one).
+GroupKey = tuple[str, int, int, int, bool, float | None, str | None, float]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class GenerationRequest:
 
     `image` (HxWx3 uint8 RGB) makes it image to image: the image's size is the output's, and
     `strength` (the contract's default_strength when None) says how much of it to repaint.
+    `style` names a published studio style (a LoRA), applied at `style_weight` (the
+    contract's default_style_weight when None).
     """
 
     prompt: str
@@ -77,6 +80,8 @@ class GenerationRequest:
     # Out of == and hash (an array has neither) and of repr (megabytes of pixels).
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
+    style: str | None = None
+    style_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,8 @@ class ResolvedRequest:
     `guided`: classifier-free guidance, i.e. guidance_scale above the contract's
     unguided_at_most; an unguided row skips the unconditional UNet pass. `image` and
     `strength`: the input image (height x width x 3) and its strength, for image to image;
-    both None otherwise.
+    both None otherwise. `style` and `style_weight`: the studio style and its weight; None
+    and 0 without one (a weight of 0 is no style).
     """
 
     prompt: str
@@ -100,13 +106,24 @@ class ResolvedRequest:
     guided: bool
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
+    style: str | None = None
+    style_weight: float = 0.0
 
     @property
     def group_key(self) -> GroupKey:
         """Rows with the same key can share every UNet call: they walk the same timesteps
-        from latents of one shape."""
+        from latents of one shape, through networks with the same style at the same weight."""
         has_image = self.image is not None
-        return (self.scheduler, self.steps, self.height, self.width, has_image, self.strength)
+        return (
+            self.scheduler,
+            self.steps,
+            self.height,
+            self.width,
+            has_image,
+            self.strength,
+            self.style,
+            self.style_weight,
+        )
 
     @property
     def unet_pixels(self) -> int:
@@ -116,11 +133,14 @@ class ResolvedRequest:
 
     def describe_group(self) -> str:
         """The group in words, for messages: `euler, 25 steps, 512x512`, with `, image to
-        image at strength 0.75` for rows with an input image."""
+        image at strength 0.75` for rows with an input image and `, style ember at 0.8` for
+        rows with a style."""
         words = f"{self.scheduler}, {self.steps} steps, {self.width}x{self.height}"
-        if self.image is None:
-            return words
-        return f"{words}, image to image at strength {self.strength}"
+        if self.image is not None:
+            words += f", image to image at strength {self.strength}"
+        if self.style is not None:
+            words += f", style {self.style} at {self.style_weight}"
+        return words
 
 
 @dataclass
@@ -129,7 +149,8 @@ class Row:
     step whether it was cancelled, and told of each step done where it has an observer.
     `first_step` is where its denoising starts in the scheduler's timesteps: 0, or later for
     an input image (`sd_img2img.first_timestep`). Once its image is decoded, `flagged` says
-    whether the safety checker flagged it (never, for weights without one)."""
+    whether the safety checker flagged it (never, for weights without one). `style` is the
+    published style its request's style name found, None without one (or at weight 0)."""
 
     request: ResolvedRequest
     scheduler: Scheduler
@@ -138,6 +159,7 @@ class Row:
     on_step: StepObserver | None = None
     flagged: bool = False
     first_step: int = 0
+    style: Any = None  # the sd_styles.Style its networks run with, None without one
 
     @property
     def timesteps(self) -> torch.Tensor:

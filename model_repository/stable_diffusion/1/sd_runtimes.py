@@ -21,7 +21,7 @@ installed; this repository's CI has none of these, so their tests skip there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,20 +58,27 @@ def positive_integer(parameters: Mapping[str, str], name: str) -> int:
 @dataclass(frozen=True)
 class RuntimeSettings:
     """How the networks run: from the model config's parameters `runtime`,
-    `intra_op_threads` and `torch_compile` (no defaults: config.pbtxt sets each)."""
+    `intra_op_threads`, `torch_compile` and `style_memory_mb` (no defaults: config.pbtxt
+    sets each). `style_memory_mb` 0 serves no styles."""
 
     runtime: str
     threads: int
     compile_mode: str
+    style_memory_mb: int = 0
 
     @classmethod
     def from_config(cls, parameters: Mapping[str, str]) -> RuntimeSettings:
         """The settings in the config's parameters, checked."""
-        for name in ("runtime", "intra_op_threads", "torch_compile"):
+        for name in ("runtime", "intra_op_threads", "torch_compile", "style_memory_mb"):
             if name not in parameters:
                 raise ConfigError(f"model config parameter {name} is missing")
         threads = positive_integer(parameters, "intra_op_threads")
-        return cls(parameters["runtime"], threads, parameters["torch_compile"])
+        budget = parameters["style_memory_mb"]
+        if not (budget.isascii() and budget.isdigit()):
+            raise ConfigError(
+                f"model config parameter style_memory_mb {budget!r} is not an integer of 0 or more"
+            )
+        return cls(parameters["runtime"], threads, parameters["torch_compile"], int(budget))
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -101,9 +108,12 @@ class Component(Protocol):
         ...
 
 
-def ort_session(path: Path, threads: int, providers: list[Any]) -> Any:
+def ort_session(
+    path: Path, threads: int, providers: list[Any], overridable: Collection[str] = ()
+) -> Any:
     """An ONNX Runtime session on `path` with `threads` intra-op threads, quiet and not
-    spinning, on the first of `providers` that can run it."""
+    spinning, on the first of `providers` that can run it; the initializers `overridable`
+    may be overridden by a run's feed (`sd_style_onnx.overridable_model`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -112,16 +122,43 @@ def ort_session(path: Path, threads: int, providers: list[Any]) -> Any:
     # Spinning workers starve the server's and other instances' threads between calls.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers)
+    if not overridable:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    from sd_style_onnx import overridable_model
+
+    # The model comes as bytes: its external data is found in its own folder.
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(path.parent)
+    )
+    model = overridable_model(path, overridable)
+    return ort.InferenceSession(model, options, providers=providers)
 
 
 class OnnxRuntimeComponent:
-    """One ONNX file in an ONNX Runtime CPU session (numpy views of CPU tensors, no copy)."""
+    """One ONNX file in an ONNX Runtime CPU session (numpy views of CPU tensors, no copy).
+
+    `style_targets` (module name -> `sd_style_onnx.Target`) are the weights a style may
+    change, and `overrides` (initializer name -> array) the values a style gives them now.
+    Without overrides a call runs the plain session, whose weights ONNX Runtime pre-packs;
+    with them, a second session whose style targets are overridable initializers (which
+    ONNX Runtime cannot pre-pack: a call is slower), made at the first styled call, so a
+    deployment that serves no style pays neither its memory nor its speed."""
 
     device = torch.device("cpu")
 
-    def __init__(self, folder: Path, spec: dict[str, Any], *, threads: int) -> None:
-        self.session = ort_session(folder / spec["file"], threads, ["CPUExecutionProvider"])
+    def __init__(
+        self,
+        folder: Path,
+        spec: dict[str, Any],
+        *,
+        threads: int,
+        style_targets: dict[str, Any] | None = None,
+    ) -> None:
+        self.path, self.threads = folder / spec["file"], threads
+        self.style_targets = style_targets or {}
+        self.overrides: dict[str, np.ndarray] = {}
+        self.session = ort_session(self.path, threads, ["CPUExecutionProvider"])
+        self._styled_session: Any = None
         self.input_names = [t["name"] for t in spec["inputs"]]
         self.input_dtypes = [np.dtype(t["dtype"]) for t in spec["inputs"]]
         self.output_name = spec["outputs"][0]["name"]
@@ -132,7 +169,20 @@ class OnnxRuntimeComponent:
             name: np.ascontiguousarray(x.numpy(), dtype=dtype)
             for name, dtype, x in zip(self.input_names, self.input_dtypes, inputs, strict=True)
         }
-        return torch.from_numpy(self.session.run([self.output_name], feed)[0])
+        session = self.session
+        if self.overrides:
+            session = self.styled_session()
+            feed.update(self.overrides)
+        return torch.from_numpy(session.run([self.output_name], feed)[0])
+
+    def styled_session(self) -> Any:
+        """The session whose style targets a run may override (made once, when first asked)."""
+        if self._styled_session is None:
+            overridable = {t.initializer for t in self.style_targets.values()}
+            self._styled_session = ort_session(
+                self.path, self.threads, ["CPUExecutionProvider"], overridable
+            )
+        return self._styled_session
 
 
 class OnnxRuntimeCudaComponent:
@@ -370,7 +420,13 @@ def load_components(
             name: OnnxRuntimeCudaComponent(folder, manifest, name, threads=settings.threads)
             for name in manifest["components"]
         }
+    from sd_style_onnx import style_targets
+
+    # The weights styles may change, where styles are served.
+    targets = style_targets(folder, manifest) if settings.style_memory_mb else {}
     return {
-        name: OnnxRuntimeComponent(folder, spec, threads=settings.threads)
+        name: OnnxRuntimeComponent(
+            folder, spec, threads=settings.threads, style_targets=targets.get(name)
+        )
         for name, spec in manifest["components"].items()
     }

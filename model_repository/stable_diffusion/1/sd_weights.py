@@ -23,7 +23,8 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "weights.schema.json"
-MANIFEST, ENGINES = "manifest", "engines"  # the two documents the schema describes ($defs)
+# The documents the schema describes ($defs): the weights and engine manifests, a style's.
+MANIFEST, ENGINES, STYLE = "manifest", "engines", "style"
 
 Shape = tuple[int, ...]
 
@@ -38,7 +39,8 @@ def _schema() -> dict[str, Any]:
 
 
 def weights_file(role: str) -> str:
-    """A file name from the schema's x-files: manifest, engines_dir or engine_manifest."""
+    """A file name from the schema's x-files: manifest, engines_dir, engine_manifest,
+    style_manifest or style_weights."""
     return str(_schema()["x-files"][role])
 
 
@@ -85,6 +87,12 @@ def load_manifest(weights: Path) -> dict[str, Any]:
                     f"manifest's dimensions do not define; {fix}"
                 )
     return manifest
+
+
+def load_style_manifest(folder: Path) -> dict[str, Any]:
+    """A published style's manifest in its `folder`, validated."""
+    fix = "import the style again (`python -m export style add`)"
+    return _load(STYLE, folder / weights_file("style_manifest"), fix)
 
 
 def load_engine_manifest(weights: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ base weights is copied to keep) and fed with every call until the next change.
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,24 +153,30 @@ def module_of(key: str) -> tuple[str, str]:
     return component, rest.removesuffix(LORA_A).removesuffix(LORA_B)
 
 
-class OnnxStyles:
-    """Per style and weight, the overrides the UNet's and text encoder's sessions run with."""
+class MergedStyles(ABC):
+    """Per style and weight, the merged weights of the UNet's and text encoder's adapted
+    modules (`merged_weights`); a runtime subclass makes its networks run with them
+    (`activate`). `targets`: network -> module name -> Target; `holder` names, for
+    messages, what holds the weights."""
 
-    def __init__(self, components: dict[str, Any]) -> None:
+    holder = "the exported ONNX files"
+
+    def __init__(self, components: dict[str, Any], targets: dict[str, dict[str, Target]]) -> None:
         self.components = {network: components[network] for network in NETWORKS.values()}
+        self.targets = targets
         self.loaded: dict[str, dict[str, torch.Tensor]] = {}
         self.active: tuple[str, float] | None = None
 
     def target(self, component: str, module: str) -> Target | None:
-        """Where `module` of `component` is in its ONNX file (None where it is not)."""
-        targets = self.components[NETWORKS[component]].style_targets
+        """Where `module` of `component` is among the network's weights (None: nowhere)."""
+        targets = self.targets[NETWORKS[component]]
         for name in (module, module.removeprefix("text_model.")):
             if name in targets:
                 return targets[name]
         return None
 
     def check(self, style: Style) -> None:
-        """InvalidRequest naming a module of `style` that the ONNX files do not hold."""
+        """InvalidRequest naming a module of `style` that the networks' weights lack."""
         from safetensors import safe_open
 
         with safe_open(str(style.folder / style.manifest["file"]), "pt") as f:
@@ -177,37 +184,58 @@ class OnnxStyles:
                 component, module = module_of(key)
                 if component not in NETWORKS or self.target(component, module) is None:
                     raise InvalidRequest(
-                        f"style {style.name!r} adapts {component} {module}, which the "
-                        "exported ONNX files do not hold; serve it on runtime torch"
+                        f"style {style.name!r} adapts {component} {module}, which "
+                        f"{self.holder} do not hold; serve it on runtime torch"
                     )
 
     def load(self, style: Style, tensors: dict[str, torch.Tensor]) -> None:
-        """Keep the style's matrices (the merged weights are made when it is activated)."""
+        """Keep the style's matrices (merged when the style is activated)."""
         self.loaded[style.key] = tensors
 
     def unload(self, style: Style) -> None:
-        """Drop the style's matrices."""
+        """Drop the style's matrices; networks running it return to the exported weights."""
         self.loaded.pop(style.key, None)
         if self.active is not None and self.active[0] == style.key:
             self.activate(None, 0.0)
+
+    def merged_weights(
+        self, style: Style | None, weight: float
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """network -> initializer name -> the value it takes for `style` at `weight` (only
+        the modules the style adapts; nothing for None)."""
+        values: dict[str, dict[str, np.ndarray]] = {n: {} for n in self.components}
+        if style is None:
+            return values
+        tensors = self.loaded[style.key]
+        for key in tensors:
+            if key.endswith(LORA_A):
+                component, module = module_of(key)
+                target = self.target(component, module)
+                assert target is not None  # check() refused the style otherwise
+                b = tensors[key.removesuffix(LORA_A) + LORA_B]
+                values[NETWORKS[component]][target.initializer] = merged(
+                    target, tensors[key], b, weight
+                )
+        return values
+
+    @abstractmethod
+    def activate(self, style: Style | None, weight: float) -> None:
+        """Run the networks with `style` at `weight` from now on; the exported weights for
+        None."""
+
+
+class OnnxStyles(MergedStyles):
+    """The merged weights fed to the UNet's and text encoder's sessions as overrides."""
+
+    def __init__(self, components: dict[str, Any]) -> None:
+        targets = {n: components[n].style_targets for n in NETWORKS.values()}
+        super().__init__(components, targets)
 
     def activate(self, style: Style | None, weight: float) -> None:
         """Feed the merged weights of `style` at `weight` from now on; none for None."""
         wanted = None if style is None else (style.key, weight)
         if wanted == self.active:
             return
-        overrides: dict[str, dict[str, np.ndarray]] = {n: {} for n in self.components}
-        if style is not None:
-            tensors = self.loaded[style.key]
-            for key in tensors:
-                if not key.endswith(LORA_A):
-                    continue
-                component, module = module_of(key)
-                target = self.target(component, module)
-                assert target is not None  # check() refused the style otherwise
-                b = tensors[key.removesuffix(LORA_A) + LORA_B]
-                value = merged(target, tensors[key], b, weight)
-                overrides[NETWORKS[component]][target.initializer] = value
-        for network, component in self.components.items():
-            component.overrides = overrides[network]
+        for network, overrides in self.merged_weights(style, weight).items():
+            self.components[network].overrides = overrides
         self.active = wanted

@@ -21,84 +21,39 @@ from typing import Any
 import numpy as np
 import torch
 from sd_requests import InvalidRequest
-from sd_style_onnx import LORA_A, LORA_B, NETWORKS, Target, merged, module_of
+from sd_style_onnx import MergedStyles, Target
 from sd_styles import Style
 
 
-class TensorRTStyles:
+class TensorRTStyles(MergedStyles):
     """The UNet's and text encoder's engines, refitted per style and weight."""
+
+    holder = "the engines' weights"
 
     def __init__(self, components: dict[str, Any], targets: dict[str, dict[str, Target]]) -> None:
         import tensorrt as trt
 
+        super().__init__(components, targets)
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.components = {network: components[network] for network in NETWORKS.values()}
-        self.targets = targets
-        self.loaded: dict[str, dict[str, torch.Tensor]] = {}
         self.changed: dict[str, set[str]] = {n: set() for n in self.components}
-        self.active: tuple[str, float] | None = None
-
-    def target(self, component: str, module: str) -> Target | None:
-        """Where `module` of `component` is among the engine's (ONNX-named) weights."""
-        targets = self.targets[NETWORKS[component]]
-        for name in (module, module.removeprefix("text_model.")):
-            if name in targets:
-                return targets[name]
-        return None
 
     def check(self, style: Style) -> None:
         """InvalidRequest when an engine is not refittable or lacks a module of `style`."""
-        from safetensors import safe_open
-
         for network, component in self.components.items():
             if not component.engine.refittable:
                 raise InvalidRequest(
                     f"style {style.name!r}: the {network} engine was not built refittable; "
                     "rebuild the engines with `python -m export tensorrt --refittable`"
                 )
-        with safe_open(str(style.folder / style.manifest["file"]), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                component, module = module_of(key)
-                if component not in NETWORKS or self.target(component, module) is None:
-                    raise InvalidRequest(
-                        f"style {style.name!r} adapts {component} {module}, which the "
-                        "engines' weights do not hold; serve it on runtime torch"
-                    )
-
-    def load(self, style: Style, tensors: dict[str, torch.Tensor]) -> None:
-        """Keep the style's matrices (the engines are refitted when it is activated)."""
-        self.loaded[style.key] = tensors
-
-    def unload(self, style: Style) -> None:
-        """Drop the style's matrices; an engine running it returns to the exported weights."""
-        self.loaded.pop(style.key, None)
-        if self.active is not None and self.active[0] == style.key:
-            self.activate(None, 0.0)
-
-    def _weights(self, style: Style | None, weight: float) -> dict[str, dict[str, np.ndarray]]:
-        """network -> initializer name -> the values the engine runs with for `style`."""
-        values: dict[str, dict[str, np.ndarray]] = {n: {} for n in self.components}
-        if style is None:
-            return values
-        tensors = self.loaded[style.key]
-        for key in tensors:
-            if key.endswith(LORA_A):
-                component, module = module_of(key)
-                target = self.target(component, module)
-                assert target is not None  # check() refused the style otherwise
-                b = tensors[key.removesuffix(LORA_A) + LORA_B]
-                values[NETWORKS[component]][target.initializer] = merged(
-                    target, tensors[key], b, weight
-                )
-        return values
+        super().check(style)
 
     def activate(self, style: Style | None, weight: float) -> None:
         """Refit the engines for `style` at `weight`; the exported weights for None."""
         wanted = None if style is None else (style.key, weight)
         if wanted == self.active:
             return
-        for network, styled in self._weights(style, weight).items():
+        for network, styled in self.merged_weights(style, weight).items():
             exported = {t.initializer: t.array for t in self.targets[network].values()}
             values = dict(styled)
             for name in self.changed[network] - set(styled):  # back to the exported weights

@@ -43,6 +43,8 @@ INPUT_TYPES: dict[str, tuple[str, Any]] = {
     "height": ("INT32", np.int32),
     "scheduler": ("BYTES", np.object_),
     "strength": ("FP32", np.float32),
+    "style": ("BYTES", np.object_),
+    "style_weight": ("FP32", np.float32),
     "image": ("UINT8", np.uint8),  # image-to-image: a row's input image, height x width x 3
 }
 T = TypeVar("T")
@@ -119,6 +121,8 @@ class ImageParams:
     height: int | None = None
     scheduler: str | None = None
     strength: float | None = None
+    style: str | None = None
+    style_weight: float | None = None
     image: np.ndarray | None = field(default=None, compare=False)
 
 

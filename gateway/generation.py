@@ -120,14 +120,21 @@ class Generator:
             )
         return data
 
+    async def init_size(self, key: str) -> tuple[int, int]:
+        """(width, height) of a stored input image, or InputImageError (422) naming the key."""
+        return header_size(await self.init_image(key))
+
     async def sized(self, spec: ImageSpec, given: set[str]) -> ImageSpec:
-        """`spec` with the width and height of an image made from its init_image: those of
-        the request (`given`: the fields the client set) where given, the rest from the
-        input image (`gateway.input_images.target_size`); InputImageError if none is stored
-        under the key."""
+        """`spec` with the width and height of an image made from its init_image (see
+        `fitted`); InputImageError if none is stored under the key."""
         if spec.init_image is None:
             return spec
-        source = header_size(await self.init_image(spec.init_image))
+        return self.fitted(spec, given, await self.init_size(spec.init_image))
+
+    def fitted(self, spec: ImageSpec, given: set[str], source: tuple[int, int]) -> ImageSpec:
+        """`spec` with the width and height of an image made from a `source`-sized input
+        image: those of the request (`given`: the fields the client set) where given, the
+        rest from the input image (`gateway.input_images.target_size`)."""
         width, height = target_size(
             source,
             spec.width if "width" in given else None,

@@ -61,10 +61,7 @@ async def submit(
     first."""
     flags = screen(svc, key, request.url.path, items)
     specs = [covered(svc, key, spec) for spec in specs]
-    specs = [
-        await sized(svc, index, item, spec)
-        for index, (item, spec) in enumerate(zip(items, specs, strict=True))
-    ]
+    specs = await sized(svc, items, specs)
     options = parsed.body
     assert isinstance(options, JobOptions)
     callback_url = getattr(options, "callback_url", None)
@@ -87,13 +84,24 @@ async def submit(
     return accepted(status, headers)
 
 
-async def sized(svc: Services, index: int, item: BaseModel, spec: ImageSpec) -> ImageSpec:
-    """A job item's spec sized by its init_image (`Generator.sized`); a missing one is
-    refused at submission, naming the item."""
-    try:
-        return await svc.generator.sized(spec, item.model_fields_set)
-    except InputImageError as exc:
-        raise InputImageError(exc.status, exc.title, f"item {index}: {exc.detail}") from exc
+async def sized(svc: Services, items: list[BaseModel], specs: list[ImageSpec]) -> list[ImageSpec]:
+    """The items' specs sized by their init_images (`Generator.fitted`), each stored image
+    read once however many items name it; a missing one is refused at submission, naming
+    the first item that names it."""
+    sources: dict[str, tuple[int, int]] = {}
+    for index, spec in enumerate(specs):
+        if spec.init_image is None or spec.init_image in sources:
+            continue
+        try:
+            sources[spec.init_image] = await svc.generator.init_size(spec.init_image)
+        except InputImageError as exc:
+            raise InputImageError(exc.status, exc.title, f"item {index}: {exc.detail}") from exc
+    return [
+        spec
+        if spec.init_image is None
+        else svc.generator.fitted(spec, item.model_fields_set, sources[spec.init_image])
+        for item, spec in zip(items, specs, strict=True)
+    ]
 
 
 async def check_callback(svc: Services, key: ApiKey, url: str) -> None:

@@ -83,6 +83,12 @@ def _at_least(name: str, value: float, least: float) -> None:
         raise ConfigError(f"model config {name} is {value}; it must be at least {least}")
 
 
+def _within(name: str, value: float, low: float, high: float) -> None:
+    """InvalidRequest unless `value` is finite and within [low, high], naming it."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidRequest(f"{name} {value} is outside [{low}, {high}]")
+
+
 def _ordered(*named: tuple[str, float]) -> None:
     if any(a[1] > b[1] for a, b in itertools.pairwise(named)):
         rule = " <= ".join(name for name, _ in named)
@@ -227,10 +233,7 @@ class GenerationContract:
             raise InvalidRequest(f"seed {seed} is outside [0, {self.max_seed}]")
         if not self.min_steps <= steps <= self.max_steps:
             raise InvalidRequest(f"steps {steps} is outside [{self.min_steps}, {self.max_steps}]")
-        if not (math.isfinite(guidance) and self.min_guidance <= guidance <= self.max_guidance):
-            raise InvalidRequest(
-                f"guidance_scale {guidance} is outside [{self.min_guidance}, {self.max_guidance}]"
-            )
+        _within("guidance_scale", guidance, self.min_guidance, self.max_guidance)
         whose = "image " if image_size else ""  # the client fixes the image, not width/height
         self._check_size(f"{whose}width", width)
         self._check_size(f"{whose}height", height)
@@ -267,11 +270,7 @@ class GenerationContract:
                 )
             return None, 0.0
         weight = self.default_style_weight if r.style_weight is None else r.style_weight
-        if not (math.isfinite(weight) and self.min_style_weight <= weight <= self.max_style_weight):
-            raise InvalidRequest(
-                f"style_weight {weight} is outside "
-                f"[{self.min_style_weight}, {self.max_style_weight}]"
-            )
+        _within("style_weight", weight, self.min_style_weight, self.max_style_weight)
         if weight == 0:
             return None, 0.0
         return r.style, weight
@@ -307,10 +306,7 @@ class GenerationContract:
                 )
             return None
         strength = self.default_strength if r.strength is None else r.strength
-        if not (math.isfinite(strength) and self.min_strength <= strength <= self.max_strength):
-            raise InvalidRequest(
-                f"strength {strength} is outside [{self.min_strength}, {self.max_strength}]"
-            )
+        _within("strength", strength, self.min_strength, self.max_strength)
         if denoising_steps(steps, strength) < 1:
             raise InvalidRequest(
                 f"strength {strength} with steps {steps} leaves no denoising step: "

@@ -161,13 +161,19 @@ def content_version(folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def point_link(link: Path, target: Path) -> None:
+    """Point the symlink `link` at `target` (relatively) in one rename: a reader sees the
+    old target or the new one, never neither."""
+    link_tmp = link.parent / f".{link.name}-{uuid.uuid4().hex}"
+    link_tmp.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(link_tmp, link)
+
+
 def publish(staging: Path, version_dir: Path, version: str) -> Path:
     """Move the staged export to its own folder and point `weights` at it in one rename."""
     final = version_dir / f"{WEIGHTS_LINK}-{version}-{uuid.uuid4().hex[:8]}"
     staging.rename(final)
-    link_tmp = version_dir / f".{WEIGHTS_LINK}-{uuid.uuid4().hex}"
-    link_tmp.symlink_to(final.name)
-    os.replace(link_tmp, version_dir / WEIGHTS_LINK)
+    point_link(version_dir / WEIGHTS_LINK, final)
     for old in version_dir.glob(f"{WEIGHTS_LINK}-*"):
         if old != final:
             shutil.rmtree(old)

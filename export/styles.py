@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import shutil
 import uuid
@@ -27,6 +26,7 @@ import torch
 
 from export.errors import ExportError
 from export.lora_files import LORA_A, LORA_B, LoraWeights, read_lora
+from export.onnx_export import point_link
 from export.weights_schema import STYLE, WeightsSchema
 
 MODEL_NAME = "stable_diffusion"
@@ -150,9 +150,7 @@ def publish_style(styles: Path, name: str, staging: Path, version: str) -> Path:
     staging.rename(final)
     link = styles / name
     previous = link.resolve() if link.is_symlink() else None
-    link_tmp = styles / f".{name}-{uuid.uuid4().hex}"
-    link_tmp.symlink_to(final.relative_to(styles))
-    os.replace(link_tmp, link)
+    point_link(link, final)
     if previous is not None and previous != final.resolve():
         shutil.rmtree(previous, ignore_errors=True)
     return final

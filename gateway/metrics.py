@@ -83,7 +83,8 @@ WORKER_PAUSED = Gauge(
 )
 COMMIT_FAILURES = Counter(
     "forge_commit_failures_total",
-    "Offset commits that failed (e.g. after a rebalance); their items are read again",
+    "Offset commits refused by the broker or withheld because a rebalance revoked the "
+    "batch's partitions while it ran; their items are read again",
 )
 CALLBACKS = Counter(
     "forge_callbacks_total",

@@ -4,9 +4,11 @@ One consumer group. Each poll takes up to `worker_concurrency` items, highest pr
 first (each tier's requests, then its retries; lower topics wait while a higher one has a
 backlog), generates them concurrently so Triton's batcher gets them together, and commits
 a partition's offset only past items that are done: stored, their state written, their
-results message sent. Items are made by the streaming model, each step recorded as the
-item's progress (`gateway.jobs`); a write that finds the item cancelled closes the stream,
-so the model stops before its next step. An item that is not done is read again:
+results message sent; a batch whose partitions were revoked while it ran commits nothing
+(the partitions' next owner reads its items again). Items are made by the streaming model,
+each step recorded as the item's progress (`gateway.jobs`); a write that finds the item
+cancelled closes the stream, so the model stops before its next step. An item that is not
+done is read again:
 
 - the image model is away (Triton down or loading): the worker stops taking work (every
   partition paused, reported not ready) until Triton answers again; the item's attempts
@@ -74,10 +76,15 @@ class Outcome(Enum):
 
 
 class Rebalance(ConsumerRebalanceListener):
-    """Offsets are committed after every batch, so a revoke loses no finished work."""
+    """Offsets are committed after every batch, so a revoke loses no finished work; a batch
+    that was running when its partitions were revoked is not committed at all (`revokes`)."""
+
+    def __init__(self) -> None:
+        self.revokes = 0  # how many revokes so far: a batch remembers the count it began at
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Log the revoke and hand the lag metric to the new owner."""
+        self.revokes += 1
         log.info("partitions revoked: %s", sorted(map(str, revoked)))
         for tp in revoked:  # its new owner reports the lag now
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(0)
@@ -109,6 +116,7 @@ class Worker:
             rebalance_timeout_ms=settings.session_timeout_ms,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
+        self.rebalance = Rebalance()
         self.stopping = asyncio.Event()
         self.consuming = False
         self.model_ready = True  # until a call says otherwise
@@ -157,7 +165,7 @@ class Worker:
 
     async def _consume(self) -> None:
         await self.consumer.start()
-        self.consumer.subscribe(self.topics.consumed, listener=Rebalance())
+        self.consumer.subscribe(self.topics.consumed, listener=self.rebalance)
         self.consuming = True
         log.info(
             "worker consuming %s as group %s", self.topics.consumed, self.settings.consumer_group
@@ -197,6 +205,7 @@ class Worker:
         batch = await self.consumer.getmany(
             timeout_ms=500, max_records=self.settings.worker_concurrency
         )
+        revokes = self.rebalance.revokes  # the records are of the assignment held now
         records = sorted(
             (r for rs in batch.values() for r in rs),
             key=lambda r: (self.topics.rank(r.topic), r.timestamp),
@@ -204,7 +213,20 @@ class Worker:
         if not records:
             return
         outcomes = await asyncio.gather(*(self._outcome(r) for r in records))
+        if self.rebalance.revokes != revokes:
+            self._refuse_stale(batch)
+            return
         await self._settle(batch, dict(zip(map(id, records), outcomes, strict=True)))
+
+    def _refuse_stale(self, batch: dict[TopicPartition, list[Record]]) -> None:
+        """A batch whose partitions were revoked while it ran commits nothing: its offsets
+        could overwrite a newer commit of the partition's next owner, which reads the
+        batch's items again (finished ones are skipped as duplicates)."""
+        metrics.COMMIT_FAILURES.inc()
+        log.warning(
+            "partitions revoked while %s ran: not committed; their items will be read again",
+            {tp: [r.offset for r in records] for tp, records in batch.items()},
+        )
 
     async def _settle(
         self, batch: dict[TopicPartition, list[Record]], outcomes: dict[int, tuple[Outcome, float]]

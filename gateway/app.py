@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import metrics, problems
-from gateway.api import assets, health, images, jobs, keys, page, uploads
+from gateway.api import assets, health, images, jobs, keys, page, styles, uploads
 from gateway.bodies import RequestBodies, document
 from gateway.contract import UnknownContract
 from gateway.keys import KeysFileError, dev_key
@@ -152,8 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=False
     )
-    routers = (images.router, uploads.router, jobs.router, assets.router, keys.router)
-    for router in (*routers, health.router):
+    routers = (images.router, styles.router, uploads.router, jobs.router, assets.router)
+    for router in (*routers, keys.router, health.router):
         app.include_router(router)
     app.include_router(page.router)  # the forge page at / (not in the OpenAPI document)
     app.openapi = contract_openapi(app)  # type: ignore[method-assign]

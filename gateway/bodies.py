@@ -10,6 +10,7 @@ document is made again from them (`document`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -29,6 +30,7 @@ from gateway.contract import ContractBook, GenerationContract
 from gateway.schemas import Format, ImageSpec, JobOptions, JsonInt, Strict, bounded_int
 from gateway.weapons import WeaponTemplates
 
+log = logging.getLogger(__name__)
 OPTIONS = (
     "seed",
     "steps",
@@ -39,7 +41,11 @@ OPTIONS = (
     "format",
     "init_image",
     "strength",
+    "style",
+    "style_weight",
 )
+# An option that applies only with another: the schema's dependentRequired, and a 422.
+NEEDS = {"strength": "init_image", "style_weight": "style"}
 
 
 def _size(contract: GenerationContract, axis: str) -> Any:
@@ -52,7 +58,33 @@ def _size(contract: GenerationContract, axis: str) -> Any:
     )
 
 
-def _options(contract: GenerationContract) -> dict[str, Any]:
+def _style(contract: GenerationContract, default: str | None) -> Any:
+    """The `style` field: one of the styles the model serves now (an enum), or none."""
+    names = tuple(s.name for s in contract.servable_styles)
+    choices = Literal[names] | None if names else None
+    return (
+        choices,
+        Field(
+            default if default in names else None,
+            description="a studio style: a LoRA the model serves (GET /v1/styles lists them)",
+        ),
+    )
+
+
+def _known_style(contract: GenerationContract) -> Any:
+    """A validator that refuses a style the model does not serve, saying which it does."""
+
+    def known(value: Any) -> Any:
+        if isinstance(value, str):
+            problem = contract.style_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    return field_validator("style", mode="before")(known)
+
+
+def _options(contract: GenerationContract, default_style: str | None = None) -> dict[str, Any]:
     """Everything but the words, with the contract's bounds and defaults."""
     schedulers = Literal[tuple(contract.schedulers)]  # type: ignore[valid-type]
     return {
@@ -105,20 +137,34 @@ def _options(contract: GenerationContract) -> dict[str, Any]:
                 f"it); default {contract.default_strength:g}. Runs steps x strength steps",
             ),
         ),
+        "style": _style(contract, default_style),
+        "style_weight": (
+            float | None,
+            Field(
+                None,
+                ge=contract.min_style_weight,
+                le=contract.max_style_weight,
+                allow_inf_nan=False,
+                description="with style: how strongly it applies (0 is no style); default "
+                f"{contract.default_style_weight:g}",
+            ),
+        ),
     }
 
 
 class ImageOptions(Strict):
     """The base of the contract's ImageRequest and WeaponRequest: a strength goes with an
-    init_image (the schema says so too, as dependentRequired)."""
+    init_image, a style_weight with a style (`NEEDS`; the schema says so as dependentRequired)."""
 
-    model_config = ConfigDict(json_schema_extra={"dependentRequired": {"strength": ["init_image"]}})
+    model_config = ConfigDict(
+        json_schema_extra={"dependentRequired": {k: [v] for k, v in NEEDS.items()}}
+    )
 
     @model_validator(mode="after")
-    def _strength_needs_an_image(self) -> ImageOptions:
-        given = {name: getattr(self, name, None) for name in ("strength", "init_image")}
-        if given["strength"] is not None and given["init_image"] is None:
-            raise ValueError("strength applies to an init_image; send one or leave strength out")
+    def _dependent_options(self) -> ImageOptions:
+        for option, needed in NEEDS.items():
+            if getattr(self, option, None) is not None and getattr(self, needed, None) is None:
+                raise ValueError(f"{option} applies to a {needed}; send one or leave it out")
         return self
 
 
@@ -209,19 +255,26 @@ class RequestBodies:
         callbacks: CallbackRules | None,
     ) -> RequestBodies:
         """Every body for this contract; job bodies hold 1..max_job_items images."""
-        options = _options(contract)
         job_base = job_options(callbacks)
+        if templates.default_style and contract.style(templates.default_style) is None:
+            log.warning(
+                "the weapon templates' default style is not served (%s): weapons have none",
+                contract.style_problem(templates.default_style),
+            )
+        validators = {"known_style": _known_style(contract)}
         image = create_model(
             "ImageRequest",
             __base__=ImageOptions,
+            __validators__=validators,
             **_words(contract),
-            **options,
+            **_options(contract),
         )
         weapon = create_model(
             "WeaponRequest",
             __base__=ImageOptions,
+            __validators__=validators,
             **templates.fields_schema(),
-            **options,
+            **_options(contract, templates.default_style),
         )
         image_job = create_model(
             "ImageJobRequest",
@@ -255,10 +308,16 @@ class RequestBodies:
         )
 
     def _options(self, body: Strict) -> dict[str, Any]:
-        """A body's options with the contract's defaults; an init_image's strength too."""
+        """A body's options with the contract's defaults: an init_image's strength, a
+        style's weight, and the content version of the style it names."""
         options = body.model_dump(include=set(OPTIONS))
         if options["init_image"] is not None and options["strength"] is None:
             options["strength"] = self.contract.default_strength
+        style = self.contract.style(options["style"]) if options["style"] else None
+        if style is not None:
+            if options["style_weight"] is None:
+                options["style_weight"] = self.contract.default_style_weight
+            options["style_version"] = style.version
         return options
 
     def parse(self, name: str, data: Any) -> Any:

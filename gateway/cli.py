@@ -46,6 +46,7 @@ def _weapon(args: argparse.Namespace) -> int:
             "material": args.material,
             "element": args.element,
             "rarity": args.rarity,
+            "look": args.look,
             "style": args.style,
             "text": args.text,
             "seed": args.seed,
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     weapon.add_argument("--material", required=True)
     weapon.add_argument("--element")
     weapon.add_argument("--rarity")
-    weapon.add_argument("--style")
+    weapon.add_argument("--look")
+    weapon.add_argument("--style", help="a studio style the model serves")
     weapon.add_argument("--text")
     weapon.add_argument("--seed", type=int)
     weapon.add_argument("--steps", type=int)

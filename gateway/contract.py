@@ -2,8 +2,10 @@
 
 The model owns the rules of a valid request (bounds, defaults, schedulers, size multiple,
 default size, rows per request): its config.pbtxt parameters plus what the export copies
-from the weights' manifest, served by Triton as the model config's parameters. The gateway
-reads them from there, derives its request bodies, OpenAPI document and costs from them,
+from the weights' manifest, served by Triton as the model config's parameters. The studio
+styles it serves are published while it runs, so they come from the listing model beside it
+(`stable_diffusion_styles`), read with the config at every refresh. The gateway reads them
+from there, derives its request bodies, OpenAPI document and costs from them,
 and restates none of them. It keeps the last contract it saw in Redis, so that it can start
 and accept jobs while Triton is down.
 """
@@ -16,7 +18,7 @@ import json
 import logging
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -30,6 +32,29 @@ STORED = "forge:contract:last"
 
 class UnknownContract(Exception):
     """No contract has been seen yet: generation needs the model's rules."""
+
+
+class BaseModelId(BaseModel):
+    """The exported weights a style was imported for."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    version: str
+
+
+class StyleInfo(BaseModel):
+    """A published studio style (a LoRA), as its manifest describes it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    version: str = Field(description="content version: changes whenever its weights do")
+    rank: int
+    alphas: tuple[float, ...]
+    source_format: str = Field(description="the file it was imported from: peft or kohya")
+    modules: int = Field(description="the network layers it adapts")
+    base_model: BaseModelId
 
 
 class GenerationContract(BaseModel):
@@ -60,13 +85,44 @@ class GenerationContract(BaseModel):
     min_strength: float
     max_strength: float
     default_strength: float
+    min_style_weight: float
+    max_style_weight: float
+    default_style_weight: float
     max_rows: int
+    styles: tuple[StyleInfo, ...] = ()
+
+    def style(self, name: str) -> StyleInfo | None:
+        """The published style `name` this model can serve (one imported for these weights)."""
+        return next((s for s in self.servable_styles if s.name == name), None)
+
+    def style_problem(self, name: str) -> str | None:
+        """Why a request cannot name the style `name` (None: it can)."""
+        if self.style(name) is not None:
+            return None
+        published = next((s for s in self.styles if s.name == name), None)
+        if published is not None:
+            base = published.base_model
+            return (
+                f"style {name!r} was imported for {base.name} version {base.version}; this "
+                f"model serves {self.model_name} version {self.model_version}: import it again"
+            )
+        available = ", ".join(s.name for s in self.servable_styles) or "none"
+        return f"unknown style {name!r}; styles available: {available}"
+
+    @property
+    def servable_styles(self) -> tuple[StyleInfo, ...]:
+        """The published styles imported for the weights this model serves."""
+        return tuple(s for s in self.styles if s.base_model.version == self.model_version)
 
     @classmethod
-    def from_model_config(cls, config: ModelConfig) -> GenerationContract:
-        """Parse the model config's parameters; ValueError names what is missing or bad."""
+    def from_model_config(
+        cls, config: ModelConfig, styles: list[dict[str, object]]
+    ) -> GenerationContract:
+        """Parse the model config's parameters and the styles listing; ValueError names what
+        is missing or bad."""
         values: dict[str, object] = dict(config.parameters)
         values["max_rows"] = config.max_batch_size
+        values["styles"] = styles
         values["schedulers"] = tuple(
             s.strip() for s in config.parameters.get("schedulers", "").split(",") if s.strip()
         )
@@ -123,7 +179,8 @@ class ContractBook:
     async def refresh(self) -> bool:
         """Read the contract from Triton (and store it); True if Triton answered."""
         try:
-            contract = GenerationContract.from_model_config(await self.triton.model_config())
+            config, styles = await self.triton.model_config(), await self.triton.styles()
+            contract = GenerationContract.from_model_config(config, styles)
         except ModelError as exc:
             log.info("cannot read the model's contract from Triton: %s", exc.message)
             return False

@@ -146,7 +146,7 @@ class Generator:
     async def triton_params(self, spec: ImageSpec) -> ImageParams:
         """The model's inputs for a resolved request: every value explicit but a missing
         seed; an input image as its pixels, fitted to the request's size."""
-        params = spec.model_dump(exclude={"format", "init_image"})
+        params = spec.model_dump(exclude={"format", "init_image", "style_version"})
         if spec.init_image is None:
             return ImageParams(**params)
         data = await self.init_image(spec.init_image)
@@ -246,6 +246,9 @@ class Generator:
                 safety_flagged=image.flagged,
                 init_image=spec.init_image,
                 strength=spec.strength,
+                style=spec.style,
+                style_weight=spec.style_weight,
+                style_version=spec.style_version,
                 timings=Timings(
                     generation_ms=(generated - start) * 1000,
                     total_ms=(time.perf_counter() - start) * 1000,

@@ -15,10 +15,12 @@ import json
 import re
 from typing import Any
 
+from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from gateway.problems import Problem
+from gateway.schemas import ImageSpec
 
 PREFIX = "forge:idem:"
 VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -27,6 +29,14 @@ VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 def fingerprint(path: str, body: dict[str, Any]) -> str:
     """A hash of the route and the validated body: what a replay must match."""
     return hashlib.sha256(json.dumps([path, body], sort_keys=True).encode()).hexdigest()
+
+
+def claimed(body: BaseModel, specs: list[ImageSpec]) -> dict[str, Any]:
+    """What a replay must match: the validated body and, where its images name studio
+    styles, their content versions (a style republished under its name is another request)."""
+    data = body.model_dump(mode="json")
+    versions = [spec.style_version for spec in specs]
+    return data | {"style_versions": versions} if any(versions) else data
 
 
 class Idempotency:
@@ -57,7 +67,8 @@ class Idempotency:
             raise Problem(
                 422,
                 "Idempotency-Key reused",
-                "this Idempotency-Key was used with a different request body",
+                "this Idempotency-Key was used with a different request (its body, or the "
+                "content version of a style it names)",
             )
         if stored["state"] == "in_flight":
             raise Problem(

@@ -44,7 +44,9 @@ class ImageSpec(BaseModel):
     seed is drawn at submission so that a redelivered item makes the same image).
     `init_image`, for image-to-image, is the key of the stored image to start from (its
     content hash, so the cache and idempotency keys hold the image's hash), fitted to width x
-    height; `strength` is set with it and only with it.
+    height; `strength` is set with it and only with it. `style` names a studio style (a
+    LoRA), applied at `style_weight`; `style_version` is its content version when the
+    request was resolved, so that the cache and idempotency keys change with its weights.
     """
 
     prompt: str
@@ -58,6 +60,9 @@ class ImageSpec(BaseModel):
     format: Format
     init_image: str | None = None
     strength: float | None = None
+    style: str | None = None
+    style_weight: float | None = None
+    style_version: str | None = None
 
 
 class ModelInfo(BaseModel):
@@ -102,6 +107,9 @@ class ImageResult(BaseModel):
         None, description="image-to-image: the key of the asset the image started from"
     )
     strength: float | None = Field(None, description="image-to-image: how far it moved from it")
+    style: str | None = Field(None, description="the studio style it was made in")
+    style_weight: float | None = Field(None, description="how strongly the style applied")
+    style_version: str | None = Field(None, description="the style's content version")
 
 
 class Upload(BaseModel):

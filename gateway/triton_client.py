@@ -10,6 +10,7 @@ never depend on Triton's status strings.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,9 @@ from tritonclient.utils import InferenceServerException
 MODEL_NAME = "stable_diffusion"
 # The same model under a decoupled policy: a response per denoising step, then the image.
 STREAM_MODEL_NAME = "stable_diffusion_stream"
+# The studio styles MODEL_NAME serves now: one JSON output, read at every request.
+STYLES_MODEL_NAME = "stable_diffusion_styles"
+STYLES_OUTPUT = "styles"
 IMAGE_OUTPUT = "generated_image"
 SEED_OUTPUT = "seed"
 FLAGGED_OUTPUT = "flagged"
@@ -314,6 +318,19 @@ class AsyncTriton:
             },
             max_batch_size=int(config.get("max_batch_size", 0)),
         )
+
+    async def styles(self) -> list[dict[str, Any]]:
+        """The manifests of the studio styles the model serves now (`STYLES_MODEL_NAME`)."""
+        result = await self._call(
+            lambda: self.client.infer(
+                STYLES_MODEL_NAME,
+                [],
+                outputs=[grpcclient.InferRequestedOutput(STYLES_OUTPUT)],
+                client_timeout=5.0,
+            )
+        )
+        listing: list[dict[str, Any]] = json.loads(result.as_numpy(STYLES_OUTPUT)[0])
+        return listing
 
     async def ready(self, model: str = MODEL_NAME) -> bool:
         """Whether `model` is loaded and ready for requests."""

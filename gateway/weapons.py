@@ -11,17 +11,19 @@ import yaml
 from pydantic import BaseModel, Field
 
 REQUIRED = ("weapon_type", "material")
-OPTIONAL = ("element", "rarity", "style")
+OPTIONAL = ("element", "rarity", "look")
 
 
 @dataclass(frozen=True)
 class WeaponTemplates:
-    """The studio's weapon templates: a prompt format, its fields' choices and defaults."""
+    """The studio's weapon templates: a prompt format, its fields' choices and defaults, and
+    the studio style (a LoRA the model serves) weapons are made in unless they name one."""
 
     prompt: str
     negative_prompt: str
     fields: dict[str, dict[str, str]]
     defaults: dict[str, str]
+    default_style: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> WeaponTemplates:
@@ -32,6 +34,7 @@ class WeaponTemplates:
             data.get("negative_prompt", ""),
             {k: {str(a): str(b or "") for a, b in v.items()} for k, v in data["fields"].items()},
             data.get("defaults", {}),
+            data.get("default_style"),
         )
         missing = [f for f in (*REQUIRED, *OPTIONAL) if f not in templates.fields]
         if missing:

@@ -30,8 +30,10 @@ MODEL_SOURCE = REPOSITORY_SOURCE / "stable_diffusion"
 MODEL_NAME = "stable_diffusion"
 # The same model under a decoupled policy: progress after every step, then the image.
 STREAM_MODEL_NAME = "stable_diffusion_stream"
-# What a stack serves: both, from one copy of the code and weights.
-SERVED_MODELS = (MODEL_NAME, STREAM_MODEL_NAME)
+# The studio styles MODEL_NAME serves now (a listing: no image work).
+STYLES_MODEL_NAME = "stable_diffusion_styles"
+# What a stack serves: all three, from one copy of the code and weights.
+SERVED_MODELS = (MODEL_NAME, STREAM_MODEL_NAME, STYLES_MODEL_NAME)
 # configs/<name>.pbtxt in each model folder: what `python -m export config` writes.
 MODEL_CONFIG_NAME = "exported"
 # What an export adds to a model folder; a fresh copy of the committed model leaves it out.

@@ -49,6 +49,9 @@ def contract(**changes: object) -> GenerationContract:
         "min_strength": 0.0,
         "max_strength": 1.0,
         "default_strength": 0.75,
+        "min_style_weight": 0.0,
+        "max_style_weight": 2.0,
+        "default_style_weight": 1.0,
         "max_rows": 8,
     }
     return GenerationContract.model_validate(values | changes)

@@ -240,7 +240,7 @@ def test_a_bad_key_is_refused_then_the_builder_follows_the_schema(
 
     # The choices are the enums of the OpenAPI document (the studio's template file).
     schema = httpx.get(f"{url}/openapi.json").json()["components"]["schemas"]["WeaponRequest"]
-    for name in ("weapon_type", "material", "element", "rarity", "style"):
+    for name in ("weapon_type", "material", "element", "rarity", "look"):
         options = page.locator(f"#f-{name} option").evaluate_all("os => os.map(o => o.value)")
         assert options == schema["properties"][name]["enum"], name
         expect(page.locator(f"#f-{name}")).to_have_accessible_name(
@@ -254,7 +254,7 @@ def test_a_bad_key_is_refused_then_the_builder_follows_the_schema(
         "material": "obsidian",
         "element": "frost",
         "rarity": "legendary",
-        "style": "pixel",
+        "look": "pixel",
     }
     choose(page, **weapon, text="  chipped   blade ")
     expected, _ = templates.render(SimpleNamespace(**weapon, text="  chipped   blade "))

@@ -23,7 +23,7 @@ from gateway.assets import MEDIA_TYPES
 from gateway.bodies import contract_body
 from gateway.content_policy import audit_refusal
 from gateway.generation import UNSAFE_IMAGE, ImageFlagged, progress_event
-from gateway.idempotency import Claim
+from gateway.idempotency import Claim, claimed
 from gateway.input_images import InputImageError
 from gateway.keys import ApiKey
 from gateway.problems import Problem, as_problem, unavailable
@@ -140,7 +140,7 @@ async def run_sync(
     with the content policy's `flags`. Streamed (Accept: text/event-stream), the generation
     runs as the events are sent."""
     claim = svc.idempotency.claim(
-        key.id, idempotency_key, request.url.path, parsed.body.model_dump(mode="json")
+        key.id, idempotency_key, request.url.path, claimed(parsed.body, [spec])
     )
     stored = await claim.begin()
     if stored is not None:

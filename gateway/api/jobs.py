@@ -24,7 +24,7 @@ from gateway.api.http import EVENT_STREAM, IdempotencyKey, LastEventId, problems
 from gateway.api.policy import covered, screen
 from gateway.bodies import contract_body
 from gateway.callback_urls import UnsafeCallback
-from gateway.idempotency import Claim
+from gateway.idempotency import Claim, claimed
 from gateway.input_images import InputImageError
 from gateway.jobs import TERMINAL, JobMessage, new_job_id
 from gateway.keys import ApiKey
@@ -68,7 +68,7 @@ async def submit(
     if callback_url is not None:
         await check_callback(svc, key, callback_url)
     claim = svc.idempotency.claim(
-        key.id, idempotency_key, request.url.path, options.model_dump(mode="json")
+        key.id, idempotency_key, request.url.path, claimed(options, specs)
     )
     stored = await claim.begin()
     if stored is not None:

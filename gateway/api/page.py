@@ -91,6 +91,10 @@ class WeaponTemplatesInfo(BaseModel):
         description="for each field, its allowed values and the phrase each puts in the prompt"
     )
     defaults: dict[str, str] = Field(description="the value of an optional field left out")
+    default_style: str | None = Field(
+        description="the studio style a weapon is made in unless it names one (while the "
+        "model serves it)"
+    )
 
 
 @router.get(
@@ -107,4 +111,5 @@ async def weapon_templates(svc: ServicesDep, _: GenerateKey) -> WeaponTemplatesI
         negative_prompt=t.negative_prompt.strip(),
         fields=t.fields,
         defaults=t.defaults,
+        default_style=t.default_style,
     )

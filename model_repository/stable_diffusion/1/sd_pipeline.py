@@ -50,7 +50,7 @@ from sd_requests import (
 )
 from sd_runtimes import Component, RuntimeSettings, load_components, positive_integer
 from sd_safety import SafetyChecker, SafetySettings, load_safety_checker
-from sd_styles import STYLES_DIR, StyleLibrary, StyleRuntime
+from sd_styles import StyleLibrary, StyleRuntime, style_folder
 from sd_weights import Shape, input_shapes, load_manifest
 from transformers import CLIPTokenizer
 
@@ -179,7 +179,7 @@ class StableDiffusionCore:
             self.settings, self.components, weights, self.manifest
         )
         self.styles = StyleLibrary(
-            weights.resolve().parent.parent / STYLES_DIR,
+            style_folder(weights),
             self.manifest["model"],
             self.settings.style_memory_mb * 2**20,
             runtime,

@@ -29,6 +29,37 @@ from sd_weights import WeightsError, load_style_manifest, weights_file
 STYLES_DIR = "styles"
 
 
+def style_folder(weights: Path) -> Path:
+    """The `styles/` of the model folder whose version folder holds `weights` (links
+    resolved: the streaming and listing models share `stable_diffusion`'s)."""
+    return weights.resolve().parent.parent / STYLES_DIR
+
+
+def published(folder: Path) -> list[str]:
+    """The names of the styles published in `folder` now (links to a style folder)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_symlink()
+        and not p.name.startswith(".")
+        and (p / weights_file("style_manifest")).is_file()
+    )
+
+
+def catalog(folder: Path) -> list[dict[str, Any]]:
+    """The manifests of the styles published in `folder` now, by name (a style whose
+    manifest does not validate is left out: a request naming it is refused, saying why)."""
+    manifests = []
+    for name in published(folder):
+        try:
+            manifests.append(dict(load_style_manifest((folder / name).resolve(strict=True))))
+        except (OSError, WeightsError):  # removed meanwhile, or not a style this code reads
+            continue
+    return manifests
+
+
 @dataclass(frozen=True)
 class Style:
     """A published style: its name, content version and folder (the link resolved)."""
@@ -96,18 +127,6 @@ class StyleLibrary:
         self.unavailable = unavailable
         self.resident: OrderedDict[str, tuple[Style, int]] = OrderedDict()  # least recent first
 
-    def available(self) -> list[str]:
-        """The names of the styles published now."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(
-            p.name
-            for p in self.folder.iterdir()
-            if p.is_symlink()
-            and not p.name.startswith(".")
-            and (p / weights_file("style_manifest")).is_file()
-        )
-
     def find(self, name: str) -> Style:
         """The style published as `name` now; InvalidRequest naming it and the styles
         available when there is none, when it was made for other weights, or when this
@@ -118,7 +137,7 @@ class StyleLibrary:
                 raise FileNotFoundError(link)
             folder = link.resolve(strict=True)
         except OSError:  # never published, or removed
-            available = ", ".join(self.available()) or "none"
+            available = ", ".join(published(self.folder)) or "none"
             raise InvalidRequest(f"unknown style {name!r}; styles available: {available}") from None
         try:
             manifest = load_style_manifest(folder)

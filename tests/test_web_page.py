@@ -24,6 +24,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from export.styles import remove_style
 from gateway.settings import Settings
 from gateway.weapons import WeaponTemplates
 from launcher.gateway import GatewayServer
@@ -31,9 +32,11 @@ from launcher.kafka import KafkaBroker
 from launcher.process import free_port
 from launcher.redis import RedisServer
 from launcher.triton import Triton
+from tests import test_style_gateway
 from tests.conftest import DEV_KEY, NARROW_CONTRACT, ROOT, JobsStack, gateway_env
 from tests.polling import wait_until
 from tests.test_gateway import gateway_metric
+from tests.test_style_gateway import listed
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -67,6 +70,11 @@ ARTIFACTS = Path(os.environ.get("FORGE_TEST_ARTIFACTS", ROOT / "var" / "test-art
 RATE_LIMIT = "200 per 12 seconds"
 FAST = {"steps": "4", "size": "64x64"}
 AUTH = {"Authorization": f"Bearer {DEV_KEY}"}
+# The style tests' fixtures, found by pytest under these names: `ember` and `frost` published
+# in the shared Triton's repository, and a gateway serving them (weapons default to ember).
+loras = test_style_gateway.loras
+styles = test_style_gateway.styles
+styled_gateway = test_style_gateway.styled_gateway
 TEMPLATES: Path = Settings.model_fields["weapon_templates"].default
 
 
@@ -267,6 +275,7 @@ def test_a_bad_key_is_refused_then_the_builder_follows_the_schema(
         ".filter(e => !e.labels || !e.labels.length).map(e => e.id)"
     )
     assert unlabeled == []
+    expect(page.locator("#style-section")).to_be_hidden()  # this model serves no style
     page.set_viewport_size({"width": 390, "height": 844})
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     shot(page, "02-builder-phone")
@@ -825,3 +834,95 @@ def test_readme_screenshot(stack: JobsStack, page: Page) -> None:
         "changed since the README's picture was taken. Look at both; rerun this test with "
         "FORGE_UPDATE_README_SCREENSHOT=1 to update the picture"
     )
+
+
+def style_options(page: Page) -> list[str]:
+    """The style picker's option values ("" is None)."""
+    return list(page.locator("#f-style option").evaluate_all("os => os.map(o => o.value)"))
+
+
+def test_a_studio_style_is_picked_with_its_weight_and_forged(
+    styled_gateway: GatewayServer, page: Page
+) -> None:
+    """The picker offers None and the styles the model serves, the weapon templates' default
+    style chosen; the weight slider follows the schema's bounds and default and is off with
+    None. The style and weight chosen go in the request, and the card names them."""
+    url = styled_gateway.url
+    requests: list[Request] = []
+    page.on("request", lambda r: requests.append(r))
+    open_forge(page, url)
+    served = httpx.get(f"{url}/v1/styles", headers=AUTH).json()
+    picker = page.get_by_label("Studio style", exact=True)
+    assert style_options(page) == ["", *(s["name"] for s in served["styles"])]
+    expect(page.locator("#f-style option").first).to_have_text("None")
+    expect(picker).to_have_value("ember")  # the weapon templates' default style
+    weight = page.get_by_label("Style weight", exact=True)
+    bounds = served["style_weight"]
+    expect(weight).to_have_attribute("min", f"{bounds['min']:g}")
+    expect(weight).to_have_attribute("max", f"{bounds['max']:g}")
+    expect(weight).to_have_value(f"{bounds['default']:g}")
+    expect(page.locator("#style-weight-value")).to_have_text(f"{bounds['default']:.2f}")
+    expect(weight).to_be_enabled()
+    picker.select_option("")
+    expect(weight).to_be_disabled()
+
+    picker.select_option("frost")
+    expect(weight).to_be_enabled()
+    weight.fill("0.5")
+    expect(page.locator("#style-weight-value")).to_have_text("0.50")
+    choose(page, weapon_type="axe", material="obsidian", **FAST)
+    shot(page, "14-style-picked")
+    page.get_by_role("button", name="Forge", exact=True).click()
+    expect(cards(page)).to_have_count(1, timeout=60_000)
+    (sent,) = posts(requests, "/v1/weapons")
+    assert sent["style"] == "frost" and sent["style_weight"] == 0.5
+    meta = cards(page).nth(0).locator(".meta")
+    expect(meta).to_contain_text("Stylefrost")
+    expect(meta).to_contain_text("Style weight0.5")
+    shot(page, "15-forged-with-style")
+
+
+def test_none_turns_the_weapons_default_style_off_and_a_refused_style_is_shown_beside_it(
+    styled_gateway: GatewayServer, styles: Path, page: Page
+) -> None:
+    """Until a style is picked, the picker shows the default of the request the form makes: a
+    weapon's (the templates' default style) or an edited prompt's (none). None, picked for a
+    weapon, sends an explicit null: the weapon is made without its default style. A style the
+    model stopped serving after the page loaded is refused (422), beside the picker."""
+    url = styled_gateway.url
+    requests: list[Request] = []
+    page.on("request", lambda r: requests.append(r))
+    open_forge(page, url)
+    picker = page.get_by_label("Studio style", exact=True)
+    weight = page.get_by_label("Style weight", exact=True)
+    expect(picker).to_have_value("ember")
+    page.get_by_label("Prompt", exact=True).fill("a frost-forged legendary axe, game item icon")
+    expect(picker).to_have_value("")  # an image request's default: no style
+    expect(weight).to_be_disabled()
+    page.get_by_role("button", name="Back to the template").click()
+    expect(picker).to_have_value("ember")
+
+    picker.select_option("")
+    choose(page, weapon_type="axe", material="obsidian", **FAST)
+    page.get_by_role("button", name="Forge", exact=True).click()
+    expect(cards(page)).to_have_count(1, timeout=60_000)
+    (sent,) = posts(requests, "/v1/weapons")
+    assert sent["style"] is None and "style_weight" not in sent
+    expect(cards(page).nth(0).locator(".meta")).not_to_contain_text("Style")
+
+    # The picker still offers frost; the gateway no longer serves it.
+    remove_style(styles, "frost")
+    listed(styled_gateway, {"ember"})
+    picker.select_option("frost")
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/v1/weapons") as refused:
+        page.get_by_role("button", name="Forge", exact=True).click()
+    assert refused.value.status == 422
+    error = page.locator("#err-style")
+    expect(error).to_contain_text("unknown style 'frost'; styles available: ember")
+    expect(picker).to_have_attribute("aria-invalid", "true")
+    expect(picker).to_be_focused()
+    expect(page.locator("#problem")).to_contain_text("beside the fields")
+    expect(cards(page)).to_have_count(1)
+    shot(page, "16-style-refused")
+    picker.select_option("ember")
+    expect(error).to_be_empty()

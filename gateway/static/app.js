@@ -29,6 +29,8 @@ const el = {
   sketch: $("sketch"), dropZone: $("drop-zone"), sketchFile: $("f-init_image"), sketchSet: $("sketch-set"),
   sketchThumb: $("sketch-thumb"), sketchInfo: $("sketch-info"), removeSketch: $("remove-sketch"),
   strength: $("f-strength"), strengthValue: $("strength-value"),
+  styleSection: $("style-section"), style: $("f-style"), styleWeight: $("f-style-weight"),
+  styleWeightValue: $("style-weight-value"),
 };
 
 const state = {
@@ -47,6 +49,8 @@ const state = {
   sketch: null,          // the input image of the next forge: {id, url, width, height, what}, or null
   uploads: 0,            // uploads started: only the latest one's answer sets the sketch
   defaultSize: "",       // the model's default size, as the size select's first option says it
+  styleDefaults: { weapon: null, image: null }, // the style each request kind gets when it names none
+  styleChosen: false,    // the user picked a style (None included): it no longer follows the defaults
 };
 
 // ---------- JSON with exact seeds ----------
@@ -160,9 +164,12 @@ function deref(schema, node) {
   return n || {};
 }
 
+// The values a property allows: its enum, or its one value (a const: pydantic writes a
+// one-value Literal so), looking through anyOf/allOf/oneOf; null if it names none.
 function enumOf(schema, prop) {
   const p = deref(schema, prop);
   if (Array.isArray(p.enum)) return p.enum;
+  if ("const" in p) return [p.const];
   for (const alt of [...(p.anyOf || []), ...(p.allOf || []), ...(p.oneOf || [])]) {
     const values = enumOf(schema, alt);
     if (values) return values;
@@ -215,27 +222,78 @@ function buildBuilder(openapi) {
   const bound = [seed, ...(seed.anyOf || [])].map((s) => deref(openapi, s).maximum).find((m) => m !== undefined);
   state.seedMax = bound === undefined ? null : BigInt(bound);
   buildStrength(openapi, props.strength);
+  buildStyles(openapi, weapon, image);
 }
 
-// The strength slider from the schema's `strength` (a number, or anyOf number/null): its
-// bounds, its step (multipleOf, else hundredths of the range) and its default, which the
-// model states in the description ("default 0.75"). A gateway without image-to-image (no
-// `strength`) gets no sketch section.
-function buildStrength(openapi, prop) {
-  el.sketch.hidden = !prop;
-  if (!prop) return;
+// A slider set from a schema number (or anyOf number/null): its bounds, its step (multipleOf,
+// else hundredths of the range) and its default, which the model states in the description
+// ("default 0.75") where the schema's default is null (the option applies only with another).
+function setSlider(input, openapi, prop) {
   const p = deref(openapi, prop);
   const number = [p, ...(p.anyOf || [])].map((s) => deref(openapi, s)).find((s) => s.type === "number") || {};
   const min = number.minimum ?? 0;
   const max = number.maximum ?? 1;
   const stated = /default (\d+(?:\.\d+)?)/.exec(p.description || "");
   const value = p.default ?? (stated ? Number(stated[1]) : (min + max) / 2);
-  Object.assign(el.strength, { min, max, step: number.multipleOf ?? (max - min) / 100 });
-  el.strength.value = String(value);
+  Object.assign(input, { min, max, step: number.multipleOf ?? (max - min) / 100 });
+  input.value = String(value);
+}
+
+// The strength slider from the schema's `strength`. A gateway without image-to-image (no
+// `strength`) gets no sketch section.
+function buildStrength(openapi, prop) {
+  el.sketch.hidden = !prop;
+  if (!prop) return;
+  setSlider(el.strength, openapi, prop);
   showStrength();
 }
 
 function showStrength() { el.strengthValue.textContent = Number(el.strength.value).toFixed(2); }
+
+// The style picker: None, then the styles the model serves (the schema's `style` enum, which
+// the gateway rebuilds as styles are published), and the `style_weight` slider. A gateway
+// serving no style (`style` only null, or absent) gets no style section. Each request kind
+// has its own default style: a weapon's is the templates' default_style where the model
+// serves it, an image's none.
+function buildStyles(openapi, weapon, image) {
+  const names = enumOf(openapi, weapon.properties.style);
+  el.styleSection.hidden = !names;
+  state.styleDefaults = { weapon: null, image: null };
+  state.styleChosen = false;
+  if (!names) return;
+  const served = (prop) => {
+    const value = deref(openapi, prop).default;
+    return names.includes(value) ? value : null;
+  };
+  state.styleDefaults = { weapon: served(weapon.properties.style), image: served(image.properties.style) };
+  el.style.replaceChildren(new Option("None", ""), ...names.map((n) => new Option(n, n)));
+  setSlider(el.styleWeight, openapi, weapon.properties.style_weight);
+  showStyleDefault();
+}
+
+// The style a request of the kind the form makes now gets when it names none.
+const styleDefault = () => state.styleDefaults[promptEdited() ? "image" : "weapon"];
+
+// Until the user picks a style, the picker shows the default of the request the form makes
+// now: a weapon's, or an edited prompt's (an image request).
+function showStyleDefault() {
+  if (!state.styleChosen) el.style.value = styleDefault() ?? "";
+  showStyleWeight();
+}
+
+// The weight applies only with a style: the slider is off while the style is None.
+function showStyleWeight() {
+  el.styleWeight.disabled = !el.style.value;
+  el.styleWeightValue.textContent = Number(el.styleWeight.value).toFixed(2);
+}
+
+// The style the request names: the chosen one with its weight. With None, nothing, unless
+// the request's kind has a default style: an explicit null then makes it without one.
+function styleOf() {
+  if (el.styleSection.hidden) return {};
+  if (el.style.value) return { style: el.style.value, style_weight: Number(el.styleWeight.value) };
+  return styleDefault() === null ? {} : { style: null };
+}
 
 // The size choices the model's contract allows: the default first, then the candidates
 // within the bounds and on the size multiple, as the OpenAPI schema states them.
@@ -283,6 +341,7 @@ function showPromptMode() {
     : "written by the server";
   el.promptMode.classList.toggle("edited", edited);
   el.resetPrompt.hidden = !edited;
+  if (!el.styleSection.hidden) showStyleDefault();
 }
 
 // ---------- requests ----------
@@ -316,6 +375,7 @@ function formRequest() {
     Object.assign(body, { width: w, height: h });
   }
   if (state.sketch) Object.assign(body, { init_image: state.sketch.id, strength: Number(el.strength.value) });
+  Object.assign(body, styleOf());
   if (promptEdited()) {
     if (!el.prompt.value.trim()) errors.prompt = "Write a prompt, or go back to the template.";
     Object.assign(body, { prompt: el.prompt.value.trim(), negative_prompt: state.negative });
@@ -339,7 +399,9 @@ function clearErrors() {
   el.problem.replaceChildren();
 }
 
-const FIELD_ALIASES = { width: "size", height: "size", negative_prompt: "prompt", weapons: null, images: null };
+const FIELD_ALIASES = {
+  width: "size", height: "size", negative_prompt: "prompt", style_weight: "style-weight", weapons: null, images: null,
+};
 
 function showFieldErrors(errors) {
   let first = null;
@@ -506,6 +568,11 @@ el.removeSketch.addEventListener("click", () => {
   el.sketchFile.focus();
 });
 el.strength.addEventListener("input", showStrength);
+el.style.addEventListener("change", () => {
+  state.styleChosen = true;
+  showStyleWeight();
+});
+el.styleWeight.addEventListener("input", showStyleWeight);
 
 // ---------- generation ----------
 
@@ -830,6 +897,7 @@ function addCard(result, kind, body, replacing = null) {
     meta.push(["From", from === undefined ? "a sketch" : `image ${from}`], ["Strength", +result.strength.toFixed(3)]);
     node.dataset.initImage = result.init_image;
   }
+  if (result.style) meta.push(["Style", result.style], ["Style weight", +result.style_weight.toFixed(3)]);
   node.querySelector(".meta").replaceChildren(...meta.flatMap(([k, v]) => [
     Object.assign(document.createElement("dt"), { textContent: k }),
     Object.assign(document.createElement("dd"), { textContent: String(v) }),

@@ -153,8 +153,9 @@ def _options(contract: GenerationContract, default_style: str | None = None) -> 
 
 
 class ImageOptions(Strict):
-    """The base of the contract's ImageRequest and WeaponRequest: a strength goes with an
-    init_image, a style_weight with a style (`NEEDS`; the schema says so as dependentRequired)."""
+    """The base of the contract's ImageRequest and WeaponRequest: a strength is sent with an
+    init_image, a style_weight with a style (`NEEDS`; the schema says so as dependentRequired).
+    With the one it needs sent as null (no input image, no style), an option is moot."""
 
     model_config = ConfigDict(
         json_schema_extra={"dependentRequired": {k: [v] for k, v in NEEDS.items()}}
@@ -163,7 +164,7 @@ class ImageOptions(Strict):
     @model_validator(mode="after")
     def _dependent_options(self) -> ImageOptions:
         for option, needed in NEEDS.items():
-            if getattr(self, option, None) is not None and getattr(self, needed, None) is None:
+            if getattr(self, option, None) is not None and needed not in self.model_fields_set:
                 raise ValueError(f"{option} applies to a {needed}; send one or leave it out")
         return self
 
@@ -311,6 +312,9 @@ class RequestBodies:
         """A body's options with the contract's defaults: an init_image's strength, a
         style's weight, and the content version of the style it names."""
         options = body.model_dump(include=set(OPTIONS))
+        for option, needed in NEEDS.items():
+            if options[needed] is None:
+                options[option] = None
         if options["init_image"] is not None and options["strength"] is None:
             options["strength"] = self.contract.default_strength
         style = self.contract.style(options["style"]) if options["style"] else None

@@ -179,8 +179,8 @@ class ContractBook:
     async def refresh(self) -> bool:
         """Read the contract from Triton (and store it); True if Triton answered."""
         try:
-            config, styles = await self.triton.model_config(), await self.triton.styles()
-            contract = GenerationContract.from_model_config(config, styles)
+            config = await self.triton.model_config()
+            contract = GenerationContract.from_model_config(config, await self._styles())
         except ModelError as exc:
             log.info("cannot read the model's contract from Triton: %s", exc.message)
             return False
@@ -195,6 +195,16 @@ class ContractBook:
             except RedisError as exc:
                 log.warning("cannot store the contract in Redis yet (%r)", exc)
         return True
+
+    async def _styles(self) -> list[dict[str, object]]:
+        """The styles listing; while the listing model cannot answer (not loaded, or a
+        deployment without it), the styles last seen, if any."""
+        try:
+            return await self.triton.styles()
+        except ModelError as exc:
+            log.warning("cannot read the styles the model serves: %s", exc.message)
+            known = self._current.styles if self._current is not None else ()
+            return [style.model_dump() for style in known]
 
     async def recall(self) -> bool:
         """The contract stored by an earlier run, when Triton cannot tell; True if found."""

@@ -74,6 +74,18 @@ def progress_event(progress: Progress) -> tuple[str, dict[str, Any]]:
     return "preview", data | {"width": width, "height": height, "image": image}
 
 
+# What a result repeats of its request.
+ECHOED = {
+    "prompt",
+    "negative_prompt",
+    "init_image",
+    "strength",
+    "style",
+    "style_weight",
+    "style_version",
+}
+
+
 def cache_params(spec: ImageSpec, seed: int) -> dict[str, Any]:
     """What identifies an image for the cache, besides the model version (an input image by
     its key, the hash of its bytes; text-only requests keep the keys they always had)."""
@@ -240,15 +252,9 @@ class Generator:
                 height=height,
                 format=spec.format,
                 model=model,
-                prompt=spec.prompt,
-                negative_prompt=spec.negative_prompt,
+                **spec.model_dump(include=ECHOED),
                 cached=False,
                 safety_flagged=image.flagged,
-                init_image=spec.init_image,
-                strength=spec.strength,
-                style=spec.style,
-                style_weight=spec.style_weight,
-                style_version=spec.style_version,
                 timings=Timings(
                     generation_ms=(generated - start) * 1000,
                     total_ms=(time.perf_counter() - start) * 1000,

@@ -352,6 +352,11 @@ def test_chart_export_config_command_writes_the_config(tmp_path: Path) -> None:
     inputs = [i.name for i in stream_config.input]
     assert inputs[0] == "prompt" and inputs[-2:] == ["preview_every", "progress_interval_s"]
     assert f"--load-model={streaming.name}" in spec["containers"][0]["args"]
+    # The styles listing: its committed config, the same folder (so the same styles/).
+    listing = tmp_path / "stable_diffusion_styles"
+    assert (listing / "1").resolve() == (model / "1").resolve()
+    assert read_config(listing / "config.pbtxt").default_model_filename == "styles_model.py"
+    assert f"--load-model={listing.name}" in spec["containers"][0]["args"]
 
 
 def test_tensorrt_build_runs_on_the_serving_gpu() -> None:

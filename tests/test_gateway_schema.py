@@ -38,6 +38,9 @@ def fuzzed_gateway(
         FORGE_RATE_LIMIT="40/minute",
         FORGE_KAFKA_BOOTSTRAP=broker.bootstrap,
         FORGE_TOPIC_PREFIX="fuzz.",  # jobs queue here; no worker reads them
+        # Generated text may read as a blocked term once normalised ("Ãß"): the content
+        # policy flags it instead of refusing it (its refusals: tests/test_content_policy.py).
+        FORGE_DEV_KEY_CONTENT_POLICY="review",
     )
     server = GatewayServer(workdir, env).start()
     try:

@@ -153,8 +153,14 @@ def test_weapons_take_the_templates_default_style_unless_they_name_one(
     with client(styled_gateway) as c:
         default = forged(c, "/v1/weapons", {**WEAPON, "text": marked("chipped")})
         other = forged(c, "/v1/weapons", {**WEAPON, "text": marked("chipped"), "style": "frost"})
-        none = forged(c, "/v1/weapons", {**WEAPON, "text": marked("chipped"), "style": None})
+        # An explicit null is no style: the default's too, and a weight sent with it is moot.
+        none = forged(
+            c,
+            "/v1/weapons",
+            {**WEAPON, "text": marked("chipped"), "style": None, "style_weight": 0.5},
+        )
     assert (default["style"], other["style"], none["style"]) == ("ember", "frost", None)
+    assert none["style_weight"] is None and none["style_version"] is None
 
 
 def test_the_cache_follows_the_styles_content_version(

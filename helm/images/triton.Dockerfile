@@ -49,6 +49,6 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD ["/bin/sh", "-c", "curl -fsS http://127.0.0.1:8000/v2/health/live || exit 1"]
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
      "--model-config-name=exported", "--load-model=stable_diffusion", \
-     "--load-model=stable_diffusion_stream", \
+     "--load-model=stable_diffusion_stream", "--load-model=stable_diffusion_styles", \
      "--allow-metrics=true", "--allow-gpu-metrics=true", "--allow-cpu-metrics=true", \
      "--metrics-config=summary_latencies=true", "--metrics-port=8002"]

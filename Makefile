@@ -24,6 +24,7 @@ help:
 	@echo "make down    stop what make up started"
 	@echo "make test    run every test (starts its own services on free ports)"
 	@echo "make bench   CPU benchmarks: Triton vs. in-process, gateway and jobs vs. Triton, streaming vs. JSON"
+	@echo "make bench-styles  CPU benchmark of studio styles: switch cost, first use, memory per style"
 	@echo "make soak    load while services are killed and restarted (SOAK_S=600 seconds)"
 	@echo "make lint    ruff, import boundaries, mypy, GitHub workflows and Dockerfiles"
 	@echo "make diagram docs/images/architecture.svg and .png from the chart's values and perf/RESULTS.md"
@@ -88,6 +89,10 @@ bench: $(CONFIGS)
 	$(PY) perf/bench_gateway.py
 	$(PY) perf/bench_stream.py
 	$(PY) perf/bench_policy.py
+
+.PHONY: bench-styles
+bench-styles: $(CONFIGS)
+	$(PY) -m perf.bench_styles
 
 # Sync and job load for SOAK_S seconds while Triton, Redis, the broker, a worker and the
 # gateway are killed and started again, then a drain; perf/results/soak.json (perf/soak.py).

@@ -126,30 +126,29 @@ def _options(contract: GenerationContract, default_style: str | None = None) -> 
                 "height the result keeps its aspect ratio; it is fitted to the size given",
             ),
         ),
-        "strength": (
-            float | None,
-            Field(
-                None,
-                ge=contract.min_strength,
-                le=contract.max_strength,
-                allow_inf_nan=False,
-                description="with init_image: how far to move from it (0 keeps it, 1 ignores "
-                f"it); default {contract.default_strength:g}. Runs steps x strength steps",
-            ),
+        "strength": _dependent_number(
+            contract.min_strength,
+            contract.max_strength,
+            "with init_image: how far to move from it (0 keeps it, 1 ignores it); default "
+            f"{contract.default_strength:g}. Runs steps x strength steps",
         ),
         "style": _style(contract, default_style),
-        "style_weight": (
-            float | None,
-            Field(
-                None,
-                ge=contract.min_style_weight,
-                le=contract.max_style_weight,
-                allow_inf_nan=False,
-                description="with style: how strongly it applies (0 is no style); default "
-                f"{contract.default_style_weight:g}",
-            ),
+        "style_weight": _dependent_number(
+            contract.min_style_weight,
+            contract.max_style_weight,
+            "with style: how strongly it applies (0 is no style); default "
+            f"{contract.default_style_weight:g}",
         ),
     }
+
+
+def _dependent_number(low: float, high: float, description: str) -> Any:
+    """An optional number within [low, high] that applies with another option (`NEEDS`): its
+    default is resolved with that one, so the field has none."""
+    return (
+        float | None,
+        Field(None, ge=low, le=high, allow_inf_nan=False, description=description),
+    )
 
 
 class ImageOptions(Strict):

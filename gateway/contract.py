@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -152,6 +153,7 @@ class ContractBook:
         self.triton, self.redis = triton, redis
         self._current: GenerationContract | None = None
         self._stored: str | None = None  # fingerprint of the contract last stored in Redis
+        self._rechecked_at = float("-inf")  # the last `recheck` that read (time.monotonic())
 
     @property
     def current(self) -> GenerationContract:
@@ -195,6 +197,15 @@ class ContractBook:
             except RedisError as exc:
                 log.warning("cannot store the contract in Redis yet (%r)", exc)
         return True
+
+    async def recheck(self, every_s: float) -> bool:
+        """Read the contract again for a request naming a style it does not list (published
+        since the last read, perhaps), unless a recheck read it less than `every_s` ago;
+        True if it was read."""
+        if time.monotonic() - self._rechecked_at < every_s:
+            return False
+        self._rechecked_at = time.monotonic()
+        return await self.refresh()
 
     async def _styles(self) -> list[dict[str, object]]:
         """The styles listing; while the listing model cannot answer (not loaded, or a

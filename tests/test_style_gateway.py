@@ -211,6 +211,35 @@ def test_bad_style_requests_are_refused_naming_what_is_served(
         )
 
 
+def test_a_style_published_just_now_is_served_by_the_next_request(
+    triton: Triton,
+    redis_server: RedisServer,
+    styles: Path,
+    loras: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """A gateway that reads the contract only hourly: a request naming a style it does not
+    list has the contract read again before it is refused, so a style published a moment
+    ago is served at once (and a removed one is refused, by the model or the gateway)."""
+    env = gateway_env(triton, redis_server, tmp_path / "assets", FORGE_CONTRACT_REFRESH_S="3600")
+    server = GatewayServer(tmp_path, env).start()
+    try:
+        body = {"prompt": marked("a late-forged mace"), "seed": 9, "style": "late", **SMALL}
+        with client(server) as c:
+            assert [s["name"] for s in c.get("/v1/styles").json()["styles"]] == ["ember", "frost"]
+            add_style(styles, "late", loras["retrained"])
+            made = forged(c, "/v1/images", body)
+            assert (made["style"], made["style_version"]) == (
+                "late",
+                next(s["version"] for s in list_styles(styles) if s["name"] == "late"),
+            )
+            remove_style(styles, "late")
+            refused = c.post("/v1/images", json={**body, "seed": 10})
+        assert_problem(refused, 422, "unknown style 'late'; styles available: ember, frost")
+    finally:
+        server.stop()
+
+
 def test_a_style_imported_for_other_weights_is_refused_saying_why() -> None:
     """The listing holds every published style; only those imported for the weights the
     model serves may be named (a unit test of the contract's rule)."""

@@ -80,18 +80,37 @@ def contract_body(name: str, *, uploads: bool = False) -> Callable[..., Awaitabl
     """
 
     async def parse(request: Request, svc: ServicesDep, key: GenerateKey) -> Parsed:
-        bodies = svc.bodies.get()
         if uploads and is_multipart(request):
-            return Parsed(bodies, bodies.parse(name, await multipart_body(request, svc, key)))
+            return await validated(svc, name, await multipart_body(request, svc, key))
         try:
             data = await request.json()
         except ValueError as exc:
             raise RequestValidationError(
                 [{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {exc}"}]
             ) from exc
-        return Parsed(bodies, bodies.parse(name, data))
+        return await validated(svc, name, data)
 
     return parse
+
+
+# A body refused for its style is validated again against a contract read anew, at most
+# this often: a style published since the last periodic read is served by the next request,
+# and requests naming unknown styles cannot make the gateway ask Triton more often.
+STYLE_RECHECK_S = 1.0
+
+
+async def validated(svc: Services, name: str, data: Any) -> Parsed:
+    """`data` as the contract's class `name`; a refusal that names a style is checked again
+    against the contract read anew (see STYLE_RECHECK_S)."""
+    bodies = svc.bodies.get()
+    try:
+        return Parsed(bodies, bodies.parse(name, data))
+    except RequestValidationError as exc:
+        names_a_style = any(e["loc"][-1:] == ("style",) for e in exc.errors())
+        if not names_a_style or not await svc.contract.recheck(STYLE_RECHECK_S):
+            raise
+    bodies = svc.bodies.get()
+    return Parsed(bodies, bodies.parse(name, data))
 
 
 ImageBody = Annotated[Parsed, Depends(contract_body("ImageRequest", uploads=True))]

@@ -25,7 +25,8 @@ class Styles(BaseModel):
 
     styles: list[StyleInfo] = Field(
         description="by name; published and removed while the model runs, so this changes "
-        "without a deploy (the gateway reads it again every FORGE_CONTRACT_REFRESH_S)"
+        "without a deploy (read again every FORGE_CONTRACT_REFRESH_S, and when a request "
+        "names a style not listed)"
     )
     style_weight: StyleWeights
 

@@ -7,7 +7,6 @@ everything runs is seen without a restart.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from export.styles import add_style, list_styles, remove_style
 from export.tiny_lora import write_test_loras
 from gateway.contract import BaseModelId, StyleInfo
+from gateway.settings import Settings
 from launcher.gateway import GatewayServer
 from launcher.redis import RedisServer
 from launcher.triton import Triton
@@ -29,8 +28,9 @@ from tests.polling import wait_until
 from tests.test_gateway import SMALL, assert_problem, client, marked
 from tests.test_input_images import contract
 from tests.test_jobs import api, submit, wait_for
+from tests.test_uploads import pixels
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "gateway" / "weapon_templates.yaml"
+TEMPLATES: Path = Settings.model_fields["weapon_templates"].default
 REFRESH = {"FORGE_CONTRACT_REFRESH_S": "0.5"}  # styles are read again this often
 WEAPON = {"weapon_type": "axe", "material": "obsidian", "seed": 7, **SMALL}
 
@@ -95,10 +95,6 @@ def listed(gateway: GatewayServer, names: set[str]) -> dict[str, Any]:
     return dict(wait_until(f"the gateway lists the styles {sorted(names)}", read))
 
 
-def pixels(c: httpx.Client, result: dict[str, Any]) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(c.get(result["asset_url"]).content)))
-
-
 def forged(c: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
     reply = c.post(path, json=body)
     assert reply.status_code == 200, reply.text
@@ -142,9 +138,10 @@ def test_a_style_reaches_the_model_and_is_in_the_result(styled_gateway: GatewayS
         assert (styled["style"], styled["style_weight"]) == ("ember", 1.5)
         assert styled["style_version"] == version["ember"]
         assert default["style_weight"] == 1.0  # the contract's default
-        assert not np.array_equal(pixels(c, styled), pixels(c, plain))
-        assert not np.array_equal(pixels(c, default), pixels(c, plain))
-        np.testing.assert_array_equal(pixels(c, weightless), pixels(c, plain))  # weight 0
+        unstyled = pixels(c, plain["asset_url"])
+        assert not np.array_equal(pixels(c, styled["asset_url"]), unstyled)
+        assert not np.array_equal(pixels(c, default["asset_url"]), unstyled)
+        np.testing.assert_array_equal(pixels(c, weightless["asset_url"]), unstyled)  # weight 0
 
 
 def test_weapons_take_the_templates_default_style_unless_they_name_one(

@@ -47,10 +47,12 @@ def in_process_baseline(
     config Triton serves, so both sides run the same runtime, threads and contract.
     """
     sys.path.insert(0, str(REPOSITORY / "stable_diffusion" / "1"))
+    import torch
     from sd_pipeline import StableDiffusionCore
     from sd_requests import GenerationRequest
 
     core = StableDiffusionCore(weights, parameters, max_batch_size=max_batch_size)
+    torch.set_num_threads(core.settings.torch_threads)  # as the model sets its process's
     request = GenerationRequest(**REQUEST)
     return lambda: core.generate([core.row(request)])
 

@@ -168,6 +168,16 @@ def test_runtime_parameters_are_checked(weights: Path, changes: dict, message: s
         RuntimeSettings.from_config(parameters)
 
 
+@pytest.mark.parametrize(
+    ("runtime", "expected"),
+    [("torch", 3), ("onnxruntime", 1), ("onnxruntime_cuda", 1), ("tensorrt", 1)],
+)
+def test_torch_gets_the_threads_only_where_it_runs_the_networks(
+    runtime: str, expected: int
+) -> None:
+    assert RuntimeSettings(runtime, 3, "").torch_threads == expected
+
+
 def compiled_matches_eager(compiled: StableDiffusionCore, eager: StableDiffusionCore) -> None:
     """Three batch sizes and a size other than the warm-up's through the one dynamic-shape
     compilation, with no recompilation after the warm-up (an unguided single row too), each

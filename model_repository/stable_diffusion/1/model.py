@@ -208,6 +208,8 @@ class TritonPythonModel:
         self.core = StableDiffusionCore(
             weights, parameters, max_batch_size=int(config.get("max_batch_size", 0))
         )
+        # This process is the model's own, so its torch pool is sized for the model.
+        torch.set_num_threads(self.core.settings.torch_threads)
         self.streaming = pb_utils.using_decoupled_model_transaction_policy(config)
         self.background = Background(f"{config['name']} sends")
         # On Triton's /metrics: the UNet work done, row by row, so a cancellation shows

@@ -85,9 +85,8 @@ class RuntimeSettings:
         """The CPU threads for torch's own operations: `threads` on runtime torch, whose
         networks they run; 1 on the others, where torch does only the arithmetic between the
         networks (schedulers, guidance, previews, pixels, style merges). A pool gains little
-        there, and its workers wait busy after each parallel operation (GNU OpenMP's default:
-        about 5 ms of a core, measured on a 2-core machine), taking the cores from ONNX
-        Runtime's threads and the server's."""
+        there, and its workers wait busy after each parallel operation (GNU OpenMP's
+        default), taking the cores from ONNX Runtime's threads and the server's."""
         return self.threads if self.runtime == "torch" else 1
 
     def __post_init__(self) -> None:
